@@ -1,0 +1,361 @@
+// CPU kernels of the op boundary (csrc/ops.cpp): the fused recurrence and its BPTT backward.
+//
+// Decomposition: the directions of a layer are independent and run in parallel (at::parallel_for over
+// D); inside a direction the T steps are sequential. Each step multiplies the live rows' previous states
+// by W_hh and adds the precomputed input projection xw_t:
+//   small steps (rows*H*H below kBlasMinFlops): a hand-written matrix-vector loop per row that keeps a
+//     tile of 64 floats (8 AVX2 registers) of z in registers, reads W_hh^T once per row, and applies the
+//     activation before storing, so z never goes to memory;
+//   large steps: one BLAS GEMM (the sgemm_/dgemm_ that torch's own BLAS exports; if none is exported, the
+//     hand-written loop), then one activation pass over the rows.
+// Memory: h_all is both the output and the recurrent state (h_{t-1} is read in place); the only scratch is
+// W_hh^T [D, H, H] for the forward and the carried gradient [D, B, H] for the backward, allocated once per
+// call, never per step.
+// Floor: 2*rows*H*H flops per step plus one pass over xw_t and h_t; for tiny H the per-step cost is a few
+// hundred nanoseconds, where nn.RNN spends ~10 us per step in operator dispatch.
+#include "../recurrence_args.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+extern "C" {
+// Fortran BLAS as exported by torch's own BLAS (MKL or OpenBLAS). Weak: null where the installed torch
+// exports none, and then the hand-written loop is used for every size.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RNN_FUSED_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define RNN_FUSED_MULTIVERSION
+#endif
+#define RNN_FUSED_INLINE inline __attribute__((always_inline))
+
+namespace rnn_fused {
+namespace {
+
+// A step at or above this many multiply-adds goes to BLAS; below it the call overhead and the separate
+// activation pass cost more than the hand loop saves (crossover measured on a 2-core AMD EPYC, see
+// benchmarks/NOTES.md).
+constexpr int64_t kBlasMinFlops = 96 * 1024;
+
+// ---- activations --------------------------------------------------------------------------------------
+
+// tanh for float as a [13/6] rational minimax approximation on [-7.9, 7.9] (the form Eigen uses), which
+// the compiler vectorises; |error| <= 2 ulp near 0 and < 1e-7 overall (tested in tests/test_cpu_kernels.py
+// through the op). Beyond the clamp tanh is +-1 to float precision.
+RNN_FUSED_INLINE float tanh_fast(float x) {
+  const float clamp = 7.90531110763549805f;
+  x = std::min(clamp, std::max(-clamp, x));
+  const float x2 = x * x;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  return x * p / q;
+}
+RNN_FUSED_INLINE double tanh_fast(double x) { return std::tanh(x); }
+
+template <typename T>
+RNN_FUSED_INLINE T activate(T z, Activation act) {
+  return act == Activation::Tanh ? tanh_fast(z) : std::max(z, T(0));
+}
+
+// act'(z) written in terms of h = act(z), so the backward needs only h_all.
+template <typename T>
+RNN_FUSED_INLINE T activation_grad(T h, Activation act) {
+  return act == Activation::Tanh ? T(1) - h * h : (h > T(0) ? T(1) : T(0));
+}
+
+// ---- the hand-written step ------------------------------------------------------------------------------
+
+// out[i] = act(bias[i] + sum_j v[j] * m[j, i]) for i < H, m row-major [H, H] (so m = W^T gives W v).
+// Register tile of kTile outputs: 256 bytes, eight AVX2 registers of independent FMA chains.
+template <typename T, bool kApplyActivation>
+RNN_FUSED_INLINE void row_times_matrix(const T* __restrict m, int64_t H, const T* __restrict v,
+                                       const T* __restrict bias, T* __restrict out, Activation act) {
+  constexpr int64_t kTile = 256 / sizeof(T);
+  int64_t i0 = 0;
+  for (; i0 + kTile <= H; i0 += kTile) {
+    T acc[kTile];
+    for (int64_t k = 0; k < kTile; ++k) acc[k] = bias ? bias[i0 + k] : T(0);
+    for (int64_t j = 0; j < H; ++j) {
+      const T vj = v[j];
+      const T* __restrict mj = m + j * H + i0;
+      for (int64_t k = 0; k < kTile; ++k) acc[k] += vj * mj[k];
+    }
+    for (int64_t k = 0; k < kTile; ++k) out[i0 + k] = kApplyActivation ? activate(acc[k], act) : acc[k];
+  }
+  if (i0 < H) {
+    const int64_t n = H - i0;
+    T acc[kTile];
+    for (int64_t k = 0; k < n; ++k) acc[k] = bias ? bias[i0 + k] : T(0);
+    for (int64_t j = 0; j < H; ++j) {
+      const T vj = v[j];
+      const T* __restrict mj = m + j * H + i0;
+      for (int64_t k = 0; k < n; ++k) acc[k] += vj * mj[k];
+    }
+    for (int64_t k = 0; k < n; ++k) out[i0 + k] = kApplyActivation ? activate(acc[k], act) : acc[k];
+  }
+}
+
+// Rows [0, rows) of one step: out_r = act(xw_r + W h_r), where h_r is read at prev + r * prev_stride.
+template <typename T>
+RNN_FUSED_INLINE void step_rows_hand(const T* w_t, int64_t H, const T* xw, int64_t row_stride, const T* prev,
+                                     int64_t prev_stride, T* out, int64_t rows, Activation act) {
+  for (int64_t r = 0; r < rows; ++r)
+    row_times_matrix<T, true>(w_t, H, prev + r * prev_stride, xw + r * row_stride, out + r * row_stride, act);
+}
+
+RNN_FUSED_MULTIVERSION void step_rows_hand_f32(const float* w_t, int64_t H, const float* xw, int64_t row_stride,
+                                               const float* prev, int64_t prev_stride, float* out, int64_t rows,
+                                               Activation act) {
+  step_rows_hand<float>(w_t, H, xw, row_stride, prev, prev_stride, out, rows, act);
+}
+RNN_FUSED_MULTIVERSION void step_rows_hand_f64(const double* w_t, int64_t H, const double* xw,
+                                               int64_t row_stride, const double* prev, int64_t prev_stride,
+                                               double* out, int64_t rows, Activation act) {
+  step_rows_hand<double>(w_t, H, xw, row_stride, prev, prev_stride, out, rows, act);
+}
+RNN_FUSED_INLINE void step_rows_hand_any(const float* w_t, int64_t H, const float* xw, int64_t rs,
+                                         const float* prev, int64_t ps, float* out, int64_t rows, Activation a) {
+  step_rows_hand_f32(w_t, H, xw, rs, prev, ps, out, rows, a);
+}
+RNN_FUSED_INLINE void step_rows_hand_any(const double* w_t, int64_t H, const double* xw, int64_t rs,
+                                         const double* prev, int64_t ps, double* out, int64_t rows, Activation a) {
+  step_rows_hand_f64(w_t, H, xw, rs, prev, ps, out, rows, a);
+}
+
+// Backward of one step for rows [0, rows):
+//   dz_r = (dh_r + g_r) * act'(h_r), then carry_r = dz_r W   (= W^T dz_r, the gradient sent to h_{prev}).
+// g_r is the carried gradient (rows < carried_in) or dh_last (the rows whose sequence ends here).
+// If `carry_out` is false the product is left to a GEMM by the caller.
+template <typename T>
+RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* dh, int64_t row_stride,
+                                    const T* dh_last, int64_t carried_in, T* carry, T* dz, int64_t rows,
+                                    Activation act, bool carry_out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict hr = h + r * row_stride;
+    const T* __restrict dhr = dh ? dh + r * row_stride : nullptr;
+    const T* __restrict gr = r < carried_in ? carry + r * H : (dh_last ? dh_last + r * H : nullptr);
+    T* __restrict dzr = dz + r * row_stride;
+    for (int64_t i = 0; i < H; ++i) {
+      T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
+      dzr[i] = g * activation_grad(hr[i], act);
+    }
+    if (carry_out) row_times_matrix<T, false>(w, H, dzr, nullptr, carry + r * H, act);
+  }
+}
+
+RNN_FUSED_MULTIVERSION void backward_rows_f32(const float* w, int64_t H, const float* h, const float* dh,
+                                              int64_t rs, const float* dh_last, int64_t carried_in, float* carry,
+                                              float* dz, int64_t rows, Activation act, bool carry_out) {
+  backward_rows<float>(w, H, h, dh, rs, dh_last, carried_in, carry, dz, rows, act, carry_out);
+}
+RNN_FUSED_MULTIVERSION void backward_rows_f64(const double* w, int64_t H, const double* h, const double* dh,
+                                              int64_t rs, const double* dh_last, int64_t carried_in,
+                                              double* carry, double* dz, int64_t rows, Activation act,
+                                              bool carry_out) {
+  backward_rows<double>(w, H, h, dh, rs, dh_last, carried_in, carry, dz, rows, act, carry_out);
+}
+RNN_FUSED_INLINE void backward_rows_any(const float* w, int64_t H, const float* h, const float* dh, int64_t rs,
+                                        const float* dh_last, int64_t ci, float* carry, float* dz, int64_t rows,
+                                        Activation act, bool co) {
+  backward_rows_f32(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co);
+}
+RNN_FUSED_INLINE void backward_rows_any(const double* w, int64_t H, const double* h, const double* dh,
+                                        int64_t rs, const double* dh_last, int64_t ci, double* carry, double* dz,
+                                        int64_t rows, Activation act, bool co) {
+  backward_rows_f64(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co);
+}
+
+template <typename T>
+RNN_FUSED_MULTIVERSION void activate_rows(T* x, int64_t row_stride, int64_t rows, int64_t H, Activation act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict xr = x + r * row_stride;
+    if (act == Activation::Tanh) {
+      for (int64_t i = 0; i < H; ++i) xr[i] = tanh_fast(xr[i]);
+    } else {
+      for (int64_t i = 0; i < H; ++i) xr[i] = std::max(xr[i], T(0));
+    }
+  }
+}
+
+// ---- BLAS ---------------------------------------------------------------------------------------------
+
+bool blas_available(float*) { return sgemm_ != nullptr; }
+bool blas_available(double*) { return dgemm_ != nullptr; }
+
+// Row-major C[rows, H] (ldc) = A[rows, H] (lda) x op(M) + beta * C, M row-major [H, H];
+// op(M) = M^T if transpose_m, else M. In BLAS's column-major view every row-major matrix is transposed,
+// so C^T = op(M)^T A^T.
+template <typename T>
+void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int64_t ldc, int64_t rows,
+               int64_t H, T beta) {
+  const int mi = static_cast<int>(H), ni = static_cast<int>(rows), ki = static_cast<int>(H);
+  const int lda_i = static_cast<int>(lda), ldm = static_cast<int>(H), ldc_i = static_cast<int>(ldc);
+  const char tm = transpose_m ? 'T' : 'N', ta = 'N';
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&tm, &ta, &mi, &ni, &ki, &one, m, &ldm, a, &lda_i, &beta, c, &ldc_i);
+  } else {
+    dgemm_(&tm, &ta, &mi, &ni, &ki, &one, m, &ldm, a, &lda_i, &beta, c, &ldc_i);
+  }
+}
+
+template <typename T>
+bool use_blas(int64_t rows, int64_t H) {
+  return blas_available(static_cast<T*>(nullptr)) && rows * H * H >= kBlasMinFlops;
+}
+
+// ---- one direction ----------------------------------------------------------------------------------------
+
+// Pointers of one direction d in the layouts of csrc/ops.cpp; rows of xw/h_all/dz are D*H apart.
+template <typename T>
+struct DirectionView {
+  const T* w;   // W_hh[d]   [H, H]
+  const T* w_t; // W_hh[d]^T [H, H]  (forward only)
+  const T* h0;  // h0[d]     [B, H]
+  int64_t row_stride;  // D * H
+  int64_t d_offset;    // d * H: column offset of direction d inside a row of [.., D, H]
+};
+
+template <typename T>
+void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionView<T>& v, const T* xw, T* h_all,
+                       T* h_last) {
+  const int64_t H = p.H, rs = v.row_stride;
+  const std::vector<Step> steps = p.schedule(d);
+  const Step* prev = nullptr;
+  for (const Step& s : steps) {
+    const T* xw_t = xw + s.row_begin * rs + v.d_offset;
+    T* h_t = h_all + s.row_begin * rs + v.d_offset;
+    const T* h_prev = prev ? h_all + prev->row_begin * rs + v.d_offset : nullptr;
+    if (use_blas<T>(s.rows, H)) {
+      for (int64_t r = 0; r < s.rows; ++r) std::memcpy(h_t + r * rs, xw_t + r * rs, H * sizeof(T));
+      if (s.carried > 0) gemm_rows<T>(h_prev, rs, v.w, /*transpose_m=*/true, h_t, rs, s.carried, H, T(1));
+      if (s.rows > s.carried)
+        gemm_rows<T>(v.h0 + s.carried * H, H, v.w, true, h_t + s.carried * rs, rs, s.rows - s.carried, H, T(1));
+      activate_rows<T>(h_t, rs, s.rows, H, p.activation);
+    } else {
+      if (s.carried > 0) step_rows_hand_any(v.w_t, H, xw_t, rs, h_prev, rs, h_t, s.carried, p.activation);
+      if (s.rows > s.carried)
+        step_rows_hand_any(v.w_t, H, xw_t + s.carried * rs, rs, v.h0 + s.carried * H, H, h_t + s.carried * rs,
+                           s.rows - s.carried, p.activation);
+    }
+    for (int64_t r = s.continuing; r < s.rows; ++r)
+      std::memcpy(h_last + r * H, h_t + r * rs, H * sizeof(T));
+    prev = &s;
+  }
+}
+
+// BPTT over one direction, visiting the forward schedule in reverse. `carry` [B, H] holds W^T dz of the
+// later step for the rows that continue; rows that start at a step hand theirs to dh0.
+template <typename T>
+void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionView<T>& v, const T* h_all,
+                        const T* dh_all, const T* dh_last, T* carry, T* dz, T* dh0) {
+  const int64_t H = p.H, rs = v.row_stride;
+  const std::vector<Step> steps = p.schedule(d);
+  for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
+    const Step& s = *it;
+    const int64_t off = s.row_begin * rs + v.d_offset;
+    const T* dh_t = dh_all ? dh_all + off : nullptr;
+    const bool blas = use_blas<T>(s.rows, H);
+    // Rows [0, continuing) receive the carried gradient; rows [continuing, rows) end here and read dh_last.
+    backward_rows_any(v.w, H, h_all + off, dh_t, rs, dh_last, s.continuing, carry, dz + off, s.rows,
+                      p.activation, /*carry_out=*/!blas);
+    if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, T(0));
+    for (int64_t r = s.carried; r < s.rows; ++r) std::memcpy(dh0 + r * H, carry + r * H, H * sizeof(T));
+  }
+  if (p.T == 0 && dh_last) std::memcpy(dh0, dh_last, p.B * H * sizeof(T));
+}
+
+template <typename T>
+DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const at::Tensor& w_hh,
+                                const at::Tensor* w_hh_t, const at::Tensor& h0) {
+  return DirectionView<T>{w_hh.data_ptr<T>() + d * p.H * p.H,
+                          w_hh_t ? w_hh_t->data_ptr<T>() + d * p.H * p.H : nullptr,
+                          h0.data_ptr<T>() + d * p.B * p.H, p.D * p.H, d * p.H};
+}
+
+void check_cpu_dtype(const at::Tensor& w_hh) {
+  TORCH_CHECK(w_hh.scalar_type() == at::kFloat || w_hh.scalar_type() == at::kDouble,
+              "rnn_fused: the CPU backend supports float32 and float64, got ", w_hh.scalar_type(),
+              " (use backend='reference' for other dtypes)");
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_in, const at::Tensor& w_hh_in,
+                                                          const at::Tensor& h0_in,
+                                                          const c10::optional<at::Tensor>& batch_sizes,
+                                                          c10::string_view activation) {
+  const RecurrenceProblem p = check_forward_args(xw_in, w_hh_in, h0_in, batch_sizes, activation);
+  check_cpu_dtype(w_hh_in);
+  const at::Tensor xw = xw_in.contiguous(), w_hh = w_hh_in.contiguous(), h0 = h0_in.contiguous();
+  at::Tensor h_all = at::empty_like(xw);
+  at::Tensor h_last = h0.clone();  // T == 0 leaves each sequence at h0
+  const at::Tensor w_hh_t = w_hh.transpose(1, 2).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_forward_cpu", [&] {
+    at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) {
+        forward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, &w_hh_t, h0),
+                                    xw.data_ptr<scalar_t>(), h_all.data_ptr<scalar_t>(),
+                                    h_last.data_ptr<scalar_t>() + d * p.B * p.H);
+      }
+    });
+  });
+  return {h_all, h_last};
+}
+
+std::tuple<at::Tensor, at::Tensor> recurrence_backward_cpu(
+    const at::Tensor& w_hh_in, const at::Tensor& h_all_in, const at::Tensor& h0_in,
+    const c10::optional<at::Tensor>& dh_all_in, const c10::optional<at::Tensor>& dh_last_in,
+    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation) {
+  const RecurrenceProblem p =
+      check_backward_args(w_hh_in, h_all_in, h0_in, dh_all_in, dh_last_in, batch_sizes, activation);
+  check_cpu_dtype(w_hh_in);
+  const at::Tensor w_hh = w_hh_in.contiguous(), h_all = h_all_in.contiguous(), h0 = h0_in.contiguous();
+  const at::Tensor dh_all = dh_all_in.has_value() ? dh_all_in->contiguous() : at::Tensor();
+  const at::Tensor dh_last = dh_last_in.has_value() ? dh_last_in->contiguous() : at::Tensor();
+  at::Tensor dz = at::empty_like(h_all);
+  at::Tensor dh0 = at::zeros_like(h0);
+  at::Tensor carry = at::zeros_like(h0);  // [D, B, H]
+  AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_backward_cpu", [&] {
+    at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t d = begin; d < end; ++d) {
+        const int64_t state = d * p.B * p.H;
+        backward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, nullptr, h0),
+                                     h_all.data_ptr<scalar_t>(),
+                                     dh_all.defined() ? dh_all.data_ptr<scalar_t>() : nullptr,
+                                     dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr,
+                                     carry.data_ptr<scalar_t>() + state, dz.data_ptr<scalar_t>(),
+                                     dh0.data_ptr<scalar_t>() + state);
+      }
+    });
+  });
+  return {dz, dh0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rnn_fused, CPU, m) {
+  m.impl("recurrence_forward", &recurrence_forward_cpu);
+  m.impl("recurrence_backward", &recurrence_backward_cpu);
+}
+
+}  // namespace rnn_fused

@@ -1,0 +1,60 @@
+// Argument checks and step schedule shared by every C++/CUDA backend of the op boundary.
+//
+// Shape letters, used in every comment of csrc/:
+//   T  time steps, B  batch (= h0.size(1)), D  directions (1 or 2), H  hidden size,
+//   N  rows of a packed sequence (= sum(batch_sizes)); padded input is the case batch_sizes = [B] * T.
+//
+// Direction d runs forward in time for d == 0 and backward in time for d == 1 (the reverse half of a
+// bidirectional layer). With variable lengths each reverse sequence starts at its own last step.
+#pragma once
+
+#include <torch/types.h>
+
+#include <string>
+#include <vector>
+
+namespace rnn_fused {
+
+enum class Activation { Tanh, Relu };
+
+Activation parse_activation(c10::string_view activation);
+
+// One step of one direction, in the order the direction visits time.
+//   rows      : sequences alive at this step (batch rows [0, rows))
+//   row_begin : index of the step's first row in the flat [N, D, H] layout
+//   carried   : rows [0, carried) take h_{prev} from the previous visited step; rows [carried, rows)
+//               start here and take h0 (only the reverse direction of a packed batch has such rows
+//               after its first step)
+//   continuing: rows [0, continuing) live on into the next visited step; rows [continuing, rows) end
+//               here (their final state is h_last)
+struct Step {
+  int64_t time;
+  int64_t rows;
+  int64_t row_begin;
+  int64_t carried;
+  int64_t continuing;
+};
+
+struct RecurrenceProblem {
+  int64_t T = 0, B = 0, D = 0, H = 0, N = 0;
+  bool packed = false;
+  Activation activation = Activation::Tanh;
+  std::vector<int64_t> batch_sizes;  // [T], host copy
+  std::vector<int64_t> row_begin;    // [T], exclusive prefix sum of batch_sizes
+
+  // The steps of direction `direction`, in visiting order (forward in time for 0, backward for 1).
+  std::vector<Step> schedule(int64_t direction) const;
+};
+
+// Checks the forward op's arguments (names, ranks, sizes, dtypes, devices) and builds the problem.
+RecurrenceProblem check_forward_args(
+    const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation);
+
+// Checks the backward op's arguments; the problem is that of the forward call that produced h_all.
+RecurrenceProblem check_backward_args(
+    const at::Tensor& w_hh, const at::Tensor& h_all, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& dh_all, const c10::optional<at::Tensor>& dh_last,
+    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation);
+
+}  // namespace rnn_fused

@@ -1,0 +1,94 @@
+"""Backends of the op boundary and how one is chosen.
+
+Every backend implements ``recurrence_forward(xw, w_hh, h0, batch_sizes, activation) -> (h_all, h_last)``
+(differentiable): ``cpu`` and ``cuda`` are the C++/CUDA kernels of rnn_fused._C, ``triton`` the kernels of
+rnn_fused/triton/, ``reference`` the plain PyTorch loop of rnn_fused/reference.py (autograd does its BPTT).
+``auto`` takes the fastest one available for the device and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+
+_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run these inputs; the message says why."""
+
+
+def check_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if ``backend`` can run on ``device`` with ``dtype``, else a sentence saying why not."""
+    check_name(backend)
+    if backend == "reference":
+        return None
+    if backend in _DTYPES and dtype not in _DTYPES[backend]:
+        names = ", ".join(str(d).replace("torch.", "") for d in _DTYPES[backend])
+        return f"backend '{backend}' supports {names}, got {str(dtype).replace('torch.', '')}"
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend 'cpu' runs on CPU tensors, got a tensor on {device}"
+        reason = _extension.load()
+        if reason is None and not _extension.has_kernel("recurrence_forward", "CPU"):
+            reason = "the extension has no CPU kernel registered"
+        return reason
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend 'cuda' runs on CUDA tensors, got a tensor on {device}"
+        reason = _extension.load()
+        if reason is None and not _extension.has_kernel("recurrence_forward", "CUDA"):
+            reason = ("the extension was built without CUDA kernels (build with a CUDA build of torch and the "
+                      "CUDA toolkit, RNN_FUSED_CUDA=1 to insist)")
+        return reason
+    if backend == "triton":
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if device.type != "cuda" and not (interpreted and device.type == "cpu"):
+            return (f"backend 'triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), "
+                    f"got a tensor on {device}")
+        from . import triton as triton_backend
+
+        return triton_backend.unavailable_reason()
+    return None
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend for ``backend`` ('auto' picks); raises BackendUnavailableError if it can't run."""
+    check_name(backend)
+    if backend == "auto":
+        preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        for candidate in preference:
+            if unavailable_reason(candidate, device, dtype) is None:
+                return candidate
+        return "reference"
+    reason = unavailable_reason(backend, device, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"rnn_fused: backend '{backend}' is unavailable: {reason}")
+    return backend
+
+
+def recurrence_forward_fn(backend: str):
+    """The differentiable forward of a concrete backend."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.rnn_fused.recurrence_forward
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend.recurrence_forward
+    from . import reference
+
+    return reference.recurrence_forward

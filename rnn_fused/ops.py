@@ -1,0 +1,98 @@
+"""Fake (meta) and autograd implementations of the op boundary, shared by every backend whose kernels are
+registered as torch ops: the C++ ops ``rnn_fused::recurrence_forward/backward`` (CPU and CUDA kernels) and
+the Triton ones (rnn_fused/triton/). Shapes and semantics: csrc/ops.cpp and rnn_fused/reference.py.
+
+The autograd rule is the split described in reference.py: the op's backward gives ``dz`` (which is also the
+gradient of ``xw``) and ``dh0``; the gradient of ``W_hh`` is then one large GEMM per direction,
+``dW_hh[d] = dz[d]^T @ h_prev[d]`` over all rows, never T small ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str):
+    return torch.empty_like(xw), torch.empty_like(h0)
+
+
+def fake_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
+                  batch_sizes: Tensor | None, activation: str):
+    return torch.empty_like(h_all), torch.empty_like(h0)
+
+
+def _previous_rows(batch_sizes: Tensor, direction: int):
+    """For the packed layout: which rows read h_{prev} from h_all, and which start from h0.
+
+    Returns (rows, prev_rows, start_rows, start_batch): row ``rows[i]`` of step t took its previous state
+    from row ``prev_rows[i]`` of h_all; row ``start_rows[i]`` took it from ``h0[:, start_batch[i]]``.
+    """
+    T = batch_sizes.numel()
+    begin = torch.cumsum(batch_sizes, 0) - batch_sizes
+    t = torch.repeat_interleave(torch.arange(T), batch_sizes)
+    b = torch.arange(t.numel()) - begin[t]
+    if direction == 0:
+        has_prev = t > 0
+        neighbour = (t - 1).clamp(min=0)
+    else:
+        neighbour = (t + 1).clamp(max=max(T - 1, 0))
+        has_prev = (t < T - 1) & (b < batch_sizes[neighbour])
+    rows = torch.nonzero(has_prev).flatten()
+    starts = torch.nonzero(~has_prev).flatten()
+    return rows, begin[neighbour[rows]] + b[rows], starts, b[starts]
+
+
+def weight_grad(dz: Tensor, h_all: Tensor, h0: Tensor, batch_sizes: Tensor | None) -> Tensor:
+    """dW_hh[d] = sum over steps and rows of dz_t h_{t-1}^T, as one or two GEMMs per direction."""
+    D = h0.shape[0]
+    H = h0.shape[2]
+    grads = []
+    for d in range(D):
+        dz_d, h_d = dz[..., d, :], h_all[..., d, :]
+        if batch_sizes is None:  # padded [T, B, H]: h_prev is h_all shifted by one step, h0 at the start
+            T = dz_d.shape[0]
+            if T == 0:
+                grads.append(h0.new_zeros(H, H))
+                continue
+            first, inner = (0, slice(1, None)) if d == 0 else (T - 1, slice(None, -1))
+            prev = slice(None, -1) if d == 0 else slice(1, None)
+            g = dz_d[first].T @ h0[d]
+            if T > 1:
+                g = g.addmm(dz_d[inner].reshape(-1, H).T, h_d[prev].reshape(-1, H))
+            grads.append(g)
+        else:
+            rows, prev_rows, starts, start_batch = _previous_rows(batch_sizes.cpu(), d)
+            dev = dz.device
+            g = dz_d[starts.to(dev)].T @ h0[d][start_batch.to(dev)]
+            g = g.addmm(dz_d[rows.to(dev)].T, h_d[prev_rows.to(dev)])
+            grads.append(g)
+    return torch.stack(grads)
+
+
+def register(forward_op: str, backward_op: str) -> None:
+    """Registers fake impls for both ops and the autograd rule of ``forward_op`` (qualified names)."""
+    torch.library.register_fake(forward_op)(fake_forward)
+    torch.library.register_fake(backward_op)(fake_backward)
+    backward = _resolve(backward_op)
+
+    def setup_context(ctx, inputs, output):
+        xw, w_hh, h0, batch_sizes, activation = inputs
+        h_all, _ = output
+        ctx.save_for_backward(w_hh, h0, h_all)
+        ctx.batch_sizes = batch_sizes
+        ctx.activation = activation
+
+    def backward_rule(ctx, dh_all, dh_last):
+        w_hh, h0, h_all = ctx.saved_tensors
+        dz, dh0 = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
+        dw_hh = weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
+        return dz, dw_hh, dh0, None, None
+
+    torch.library.register_autograd(forward_op, backward_rule, setup_context=setup_context)
+
+
+def _resolve(qualified_name: str):
+    namespace, name = qualified_name.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+

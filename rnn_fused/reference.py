@@ -1,0 +1,130 @@
+"""The Elman RNN in plain PyTorch, written to be read. Every test judges the kernels against this file.
+
+The recurrence (one direction)::
+
+    z_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh        (pre-activation)
+    h_t = act(z_t)                                      (act = tanh or relu)
+
+Fast implementations split it in two (see ``textbook_rnn`` vs ``recurrence_forward``):
+
+1. ``xw = x @ W_ih^T + (b_ih + b_hh)`` for all T steps at once: one big matrix product with no dependence
+   between steps;
+2. the sequential part, ``h_t = act(xw_t + W_hh h_{t-1})``: the op boundary every backend implements.
+
+Backpropagation through time (BPTT) runs the recurrence backwards. With ``dh_t`` the gradient of the loss
+w.r.t. ``h_t`` arriving from outside (the layer's output) and ``carry_t`` the gradient arriving from step
+t+1 through W_hh::
+
+    dz_t      = (dh_t + carry_t) * act'(z_t)          act'(z) = 1 - h^2 (tanh), [h > 0] (relu)
+    carry_t-1 = W_hh^T dz_t
+    dW_hh     = sum_t dz_t h_{t-1}^T,  d(xw_t) = dz_t,  dh_0 = carry_0
+
+``dh_t/dh_k`` is the product of the Jacobians ``diag(act'(z_i)) W_hh`` for i = k+1..t: if the spectral radius
+of W_hh (times the activation's slope) is below 1 the product shrinks geometrically (vanishing gradients),
+above 1 it can grow (exploding gradients). ``recurrence_backward`` below is that loop, step by step.
+
+Layouts (the op boundary's, see csrc/ops.cpp): D directions (1, or 2 for bidirectional: direction 1 runs
+backwards in time), ``xw``/``h_all`` ``[T, B, D, H]`` padded or ``[N, D, H]`` packed with ``batch_sizes``
+``[T]`` (as in ``torch.nn.utils.rnn.PackedSequence``: sequences sorted by decreasing length, ``batch_sizes[t]``
+of them still running at step t), ``w_hh`` ``[D, H, H]``, ``h0``/``h_last`` ``[D, B, H]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def activation_fn(activation: str):
+    if activation == "tanh":
+        return torch.tanh
+    if activation == "relu":
+        return torch.relu
+    raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
+
+
+def activation_grad(h: Tensor, activation: str) -> Tensor:
+    """act'(z) expressed through h = act(z): the backward needs only the stored hidden states."""
+    return 1 - h * h if activation == "tanh" else (h > 0).to(h.dtype)
+
+
+def textbook_rnn(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, h0: Tensor,
+                 activation: str = "tanh") -> tuple[Tensor, Tensor]:
+    """One direction, padded ``x [T, B, I]``, exactly the formula above, one step at a time."""
+    act = activation_fn(activation)
+    h = h0
+    outputs = []
+    for x_t in x:
+        h = act(x_t @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+        outputs.append(h)
+    return torch.stack(outputs) if outputs else x.new_empty(0, *h0.shape), h
+
+
+def _steps(batch_sizes: Tensor | None, T: int, B: int):
+    """(time, live rows, index of the step's first row in the flat packed layout) for t = 0..T-1."""
+    sizes = [B] * T if batch_sizes is None else batch_sizes.tolist()
+    begin = 0
+    for t, rows in enumerate(sizes):
+        yield t, rows, begin
+        begin += rows
+
+
+def _flat(x: Tensor, packed: bool) -> Tensor:
+    """[T, B, D, H] -> [T*B, D, H] (padded is packed with batch_sizes = [B] * T)."""
+    return x if packed else x.reshape(-1, *x.shape[2:])
+
+
+def recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None = None,
+                       activation: str = "tanh") -> tuple[Tensor, Tensor]:
+    """The op boundary's forward: ``h_t = act(xw_t + W_hh h_{t-1})`` for every direction; differentiable.
+
+    The state ``h`` holds one row per sequence. A step updates only the rows still running, so a finished
+    sequence keeps its last state (which is its ``h_last``) and, in the reverse direction, a sequence that
+    has not started yet still holds its ``h0`` when it starts at its own last step.
+    """
+    act = activation_fn(activation)
+    packed = batch_sizes is not None
+    D, B = w_hh.shape[0], h0.shape[1]
+    T = len(batch_sizes) if packed else xw.shape[0]
+    xw_rows = _flat(xw, packed)
+    steps = list(_steps(batch_sizes, T, B))
+    outputs, finals = [], []
+    for d in range(D):
+        h = h0[d]
+        out_rows = [None] * T
+        for t, rows, begin in (steps if d == 0 else reversed(steps)):
+            h_new = act(xw_rows[begin:begin + rows, d] + h[:rows] @ w_hh[d].T)
+            h = torch.cat([h_new, h[rows:]])
+            out_rows[t] = h_new
+        outputs.append(torch.cat(out_rows) if T else xw_rows[:, d])
+        finals.append(h)
+    h_all = torch.stack(outputs, dim=1).reshape(xw.shape)
+    return h_all, torch.stack(finals)
+
+
+def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
+                        batch_sizes: Tensor | None = None, activation: str = "tanh") -> tuple[Tensor, Tensor]:
+    """The op boundary's backward: BPTT, written out. Returns ``(dz, dh0)``.
+
+    ``carry`` is the gradient w.r.t. the state rows. It starts as ``dh_last`` (the gradient of each
+    sequence's final state) and walks back through the steps in the opposite order of the forward: a step
+    adds the gradient flowing into its outputs, multiplies by act', and sends ``W_hh^T dz`` to the previous
+    state of the rows it updated. Rows a step did not touch pass their carry through unchanged.
+    """
+    packed = batch_sizes is not None
+    D, B = w_hh.shape[0], h0.shape[1]
+    T = len(batch_sizes) if packed else h_all.shape[0]
+    h_rows = _flat(h_all, packed)
+    dh_rows = _flat(dh_all, packed) if dh_all is not None else torch.zeros_like(h_rows)
+    dz_rows = torch.empty_like(h_rows)
+    dh0 = torch.empty_like(h0)
+    steps = list(_steps(batch_sizes, T, B))
+    for d in range(D):
+        carry = dh_last[d].clone() if dh_last is not None else torch.zeros_like(h0[d])
+        for t, rows, begin in (reversed(steps) if d == 0 else steps):
+            h_t = h_rows[begin:begin + rows, d]
+            dz_t = (dh_rows[begin:begin + rows, d] + carry[:rows]) * activation_grad(h_t, activation)
+            dz_rows[begin:begin + rows, d] = dz_t
+            carry[:rows] = dz_t @ w_hh[d]  # row form of W_hh^T dz_t
+        dh0[d] = carry
+    return dz_rows.reshape(h_all.shape), dh0
