@@ -5,6 +5,7 @@
 
 from . import functional, reference
 from .backends import BACKENDS, BackendUnavailableError
+from .modules import FusedRNN, FusedRNNCell
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "functional", "reference"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "FusedRNN", "FusedRNNCell", "functional", "reference"]
 __version__ = "0.1.0"

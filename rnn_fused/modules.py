@@ -1,0 +1,177 @@
+"""``FusedRNN`` and ``FusedRNNCell``: drop-ins for ``torch.nn.RNN`` and ``torch.nn.RNNCell``.
+
+They subclass the torch modules, so construction, argument validation (same exception types and messages),
+parameter names, initialisation, ``state_dict``, ``repr``, pickling and ``.to()`` are torch's own, and a
+checkpoint moves between the two with ``strict=True``. Only ``forward`` differs: every layer and direction
+runs through the op boundary (rnn_fused/functional.py) on the chosen backend.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from .backends import check_name
+from .functional import rnn_layer
+
+
+def _check_same_device(input: Tensor, hx: Tensor) -> None:
+    if input.device != hx.device:
+        raise RuntimeError(
+            "Input and hidden tensors are not at the same device, "
+            f"found input tensor at {input.device} and hidden tensor at {hx.device}"
+        )
+
+
+def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
+    # nn.RNN fails here inside a matrix product ("mat1 and mat2 must have the same dtype"); same type,
+    # clearer words.
+    if hx.dtype != input.dtype:
+        raise RuntimeError(f"hx dtype ({hx.dtype}) must match the input dtype ({input.dtype})")
+
+
+class FusedRNN(nn.RNN):
+    """Elman RNN with fused kernels; ``nn.RNN``'s arguments plus ``backend``.
+
+    ``backend``: ``'auto'`` (the fastest available for the input's device and dtype), ``'cuda'``,
+    ``'triton'``, ``'cpu'`` or ``'reference'`` (plain PyTorch). An explicit backend that cannot run the
+    input raises ``rnn_fused.BackendUnavailableError`` saying why.
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        check_name(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def flatten_parameters(self) -> None:
+        """No-op: the kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def _layer_weights(self, layer: int):
+        """Parameters of one layer stacked over directions: w_ih [D,H,I], w_hh [D,H,H], biases [D,H]."""
+        suffixes = ["", "_reverse"] if self.bidirectional else [""]
+
+        def stacked(kind: str):
+            tensors = [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes]
+            return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+        b_ih = stacked("bias_ih") if self.bias else None
+        b_hh = stacked("bias_hh") if self.bias else None
+        return stacked("weight_ih"), stacked("weight_hh"), b_ih, b_hh
+
+    def forward(self, input, hx: Tensor | None = None):
+        self._update_flat_weights()
+        num_directions = 2 if self.bidirectional else 1
+        is_packed = isinstance(input, PackedSequence)
+        is_batched = True
+        if is_packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+        else:
+            data, batch_sizes, sorted_indices, unsorted_indices = input, None, None, None
+            if input.dim() not in (2, 3):
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                data = input.unsqueeze(batch_dim)
+                if hx is not None:
+                    if hx.dim() != 2:
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
+                    hx = hx.unsqueeze(1)
+            elif hx is not None and hx.dim() != 3:
+                raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+            max_batch_size = data.size(0) if self.batch_first else data.size(1)
+        if hx is None:
+            hx = torch.zeros(self.num_layers * num_directions, max_batch_size, self.hidden_size,
+                             dtype=data.dtype, device=data.device)
+        else:
+            # hx is in the caller's batch order; the packed data is sorted by decreasing length.
+            hx = self.permute_hidden(hx, sorted_indices)
+        self.check_forward_args(data, hx, batch_sizes)
+        _check_same_device(data, hx)
+        _check_hx_dtype(data, hx)
+
+        if not is_packed:
+            if self.batch_first:
+                data = data.transpose(0, 1)
+            if data.size(0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            data = data.contiguous()
+
+        layer_input = data
+        h_n = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer)
+            h0 = hx[layer * num_directions:(layer + 1) * num_directions]
+            layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes,
+                                             self.nonlinearity, self.backend)
+            h_n.append(h_last)
+            # Dropout sits between layers only, in training only; h_n is taken before it.
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_output = F.dropout(layer_output, p=self.dropout, training=True)
+            layer_input = layer_output
+        hidden = torch.cat(h_n, 0)
+
+        if is_packed:
+            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = hidden.squeeze(1)
+        return output, hidden
+
+
+class FusedRNNCell(nn.RNNCell):
+    """One Elman step, ``nn.RNNCell``'s contract: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``; plus ``backend``."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        check_name(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backend={self.backend!r}"
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if input.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        elif not is_batched:
+            hx = hx.unsqueeze(0)
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        if hx.size(0) != input.size(0):
+            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
+        if hx.size(1) != self.hidden_size:
+            raise RuntimeError(
+                f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}")
+        _check_same_device(input, hx)
+        _check_hx_dtype(input, hx)
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"input dtype ({input.dtype}) must match the weight dtype ({self.weight_ih.dtype})")
+
+        def per_direction(p: Tensor | None):
+            return None if p is None else p.unsqueeze(0)
+
+        _, h_last = rnn_layer(input.unsqueeze(0), self.weight_ih.unsqueeze(0), self.weight_hh.unsqueeze(0),
+                              per_direction(self.bias_ih), per_direction(self.bias_hh), hx.unsqueeze(0),
+                              None, self.nonlinearity, self.backend)
+        h = h_last[0]
+        return h if is_batched else h.squeeze(0)

@@ -1,0 +1,181 @@
+"""The op boundary (rnn_fused::recurrence_forward/backward) on the compiled backends: against the float64
+reference and nn.RNN over the foundation grid, packed and bidirectional layouts, gradcheck, opcheck, and
+bad inputs."""
+
+import pytest
+import torch
+
+import rnn_fused
+from rnn_fused import reference as R
+from rnn_fused.functional import rnn_layer
+
+from .conftest import EXTENSION_ERROR, HAS_CUDA, assert_matches
+
+assert EXTENSION_ERROR is None, EXTENSION_ERROR
+
+# (device, backend) pairs whose compiled kernels this file checks; triton has its own file.
+COMPILED = [("cpu", "cpu")] + ([("cuda", "cuda")] if HAS_CUDA else [])
+
+
+def _grid_case(device, backend, dtype, nonlinearity, T, B, H, I=3, seed=0):
+    """nn.RNN with random weights vs our layer with the same weights: outputs and every gradient."""
+    torch.manual_seed(seed)
+    rnn64 = torch.nn.RNN(I, H, nonlinearity=nonlinearity, dtype=torch.float64)
+    x64 = torch.randn(T, B, I, dtype=torch.float64)
+    h064 = torch.randn(1, B, H, dtype=torch.float64)
+    d_out, d_hn = torch.randn(T, B, H, dtype=torch.float64), torch.randn(1, B, H, dtype=torch.float64)
+
+    def run(impl, dt):
+        params = [p.detach().to(device, dt).requires_grad_() for p in rnn64.parameters()]
+        x = x64.to(device, dt, copy=True).requires_grad_()
+        h0 = h064.to(device, dt, copy=True).requires_grad_()
+        if impl == "nn.RNN":
+            rnn = torch.nn.RNN(I, H, nonlinearity=nonlinearity, device=device, dtype=dt)
+            out, h_n = torch.func.functional_call(rnn, dict(zip([n for n, _ in rnn64.named_parameters()], params)),
+                                                  (x, h0))
+        else:
+            w_ih, w_hh, b_ih, b_hh = (p.unsqueeze(0) for p in params)
+            out, h_n = rnn_layer(x, w_ih, w_hh, b_ih, b_hh, h0, activation=nonlinearity, backend=impl)
+        torch.autograd.backward([out, h_n], [d_out.to(device, dt), d_hn.to(device, dt)])
+        return [out, h_n, x.grad, h0.grad] + [p.grad for p in params]
+
+    names = ["output", "h_n", "d input", "d h0", "d weight_ih", "d weight_hh", "d bias_ih", "d bias_hh"]
+    ref = run("reference", torch.float64)
+    ours = run(backend, dtype)
+    yardstick = run("nn.RNN", dtype) if dtype != torch.float64 else [None] * len(names)
+    for name, a, r, y in zip(names, ours, ref, yardstick):
+        assert_matches(a, r, y, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("T", [1, 7, 100])
+@pytest.mark.parametrize("B", [1, 3, 33])
+@pytest.mark.parametrize("H", [1, 5, 64, 257])
+def test_layer_matches_reference_and_nn_rnn(device, backend, dtype, nonlinearity, T, B, H):
+    _grid_case(device, backend, dtype, nonlinearity, T, B, H)
+
+
+def _random_problem(D, packed, dtype, device, H=6, seed=0):
+    torch.manual_seed(seed)
+    lengths = [7, 5, 5, 2, 1]
+    B = len(lengths)
+    batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(max(lengths))]) if packed else None
+    rows = (int(batch_sizes.sum()),) if packed else (max(lengths), B)
+    xw = torch.randn(*rows, D, H, dtype=dtype, device=device)
+    w_hh = torch.randn(D, H, H, dtype=dtype, device=device) / H ** 0.5
+    h0 = torch.randn(D, B, H, dtype=dtype, device=device)
+    return xw, w_hh, h0, batch_sizes
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_ops_match_reference_packed_and_bidirectional(device, backend, dtype, packed, D, activation):
+    xw, w_hh, h0, bs = _random_problem(D, packed, torch.float64, device)
+    ref_all, ref_last = R.recurrence_forward(xw, w_hh, h0, bs, activation)
+    dh_all, dh_last = torch.randn_like(ref_all), torch.randn_like(ref_last)
+    ref_dz, ref_dh0 = R.recurrence_backward(w_hh, ref_all, h0, dh_all, dh_last, bs, activation)
+
+    def ours_and_yardstick(impl):
+        args = [t.to(dtype) for t in (xw, w_hh, h0)]
+        if impl == "ours":
+            h_all, h_last = torch.ops.rnn_fused.recurrence_forward(*args, bs, activation)
+            dz, dh0 = torch.ops.rnn_fused.recurrence_backward(args[1], h_all, args[2], dh_all.to(dtype),
+                                                              dh_last.to(dtype), bs, activation)
+        else:  # the reference math run in `dtype`: torch's own rounding in that precision
+            h_all, h_last = R.recurrence_forward(*args, bs, activation)
+            dz, dh0 = R.recurrence_backward(args[1], h_all, args[2], dh_all.to(dtype), dh_last.to(dtype), bs,
+                                            activation)
+        return h_all, h_last, dz, dh0
+
+    ours = ours_and_yardstick("ours")
+    yard = ours_and_yardstick("torch") if dtype != torch.float64 else [None] * 4
+    for name, a, r, y in zip(["h_all", "h_last", "dz", "dh0"], ours, (ref_all, ref_last, ref_dz, ref_dh0), yard):
+        assert_matches(a, r, y, name=name)
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_gradcheck(device, backend, packed, D, activation):
+    xw, w_hh, h0, bs = _random_problem(D, packed, torch.float64, device, H=3)
+    inputs = [t.clone().requires_grad_() for t in (xw, w_hh, h0)]
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: rnn_fused.functional.recurrence(a, b, c, bs, activation, backend), inputs)
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("packed", [False, True])
+def test_opcheck(device, backend, packed):
+    xw, w_hh, h0, bs = _random_problem(2, packed, torch.float32, device)
+    fwd_args = (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), bs, "tanh")
+    torch.library.opcheck(torch.ops.rnn_fused.recurrence_forward.default, fwd_args)
+    h_all, h_last = torch.ops.rnn_fused.recurrence_forward(xw.detach(), w_hh.detach(), h0.detach(), bs, "tanh")
+    bwd_args = (w_hh.detach(), h_all, h0.detach(), torch.randn_like(h_all), torch.randn_like(h_last), bs, "tanh")
+    torch.library.opcheck(torch.ops.rnn_fused.recurrence_backward.default, bwd_args)
+    bwd_args_no_grads = (w_hh.detach(), h_all, h0.detach(), None, None, bs, "relu")
+    torch.library.opcheck(torch.ops.rnn_fused.recurrence_backward.default, bwd_args_no_grads)
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+def test_empty_batch_and_zero_steps(device, backend):
+    w_hh = torch.randn(1, 4, 4, device=device)
+    h_all, h_last = torch.ops.rnn_fused.recurrence_forward(torch.randn(5, 0, 1, 4, device=device), w_hh,
+                                                           torch.randn(1, 0, 4, device=device), None, "tanh")
+    assert h_all.shape == (5, 0, 1, 4) and h_last.shape == (1, 0, 4)
+    h0 = torch.randn(1, 3, 4, device=device)
+    h_all, h_last = torch.ops.rnn_fused.recurrence_forward(torch.randn(0, 3, 1, 4, device=device), w_hh, h0,
+                                                           None, "tanh")
+    assert h_all.shape == (0, 3, 1, 4) and torch.equal(h_last, h0)
+    dh_last = torch.randn_like(h0)
+    dz, dh0 = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, dh_last, None, "tanh")
+    assert dz.shape == (0, 3, 1, 4) and torch.equal(dh0, dh_last)
+
+
+def _bad(device, **override):
+    args = dict(xw=torch.randn(4, 3, 1, 5, device=device), w_hh=torch.randn(1, 5, 5, device=device),
+                h0=torch.randn(1, 3, 5, device=device), batch_sizes=None, activation="tanh")
+    args.update(override)
+    return torch.ops.rnn_fused.recurrence_forward(**args)
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("override,message", [
+    (dict(xw=torch.randn(4, 3, 5)), r"xw must have shape \[T, B, D, H\]"),
+    (dict(xw=torch.randn(4, 3, 1, 6)), r"xw must have shape \[T, B, D, H\] = \[4, 3, 1, 5\]"),
+    (dict(w_hh=torch.randn(5, 5)), r"w_hh must have shape \[D, H, H\]"),
+    (dict(w_hh=torch.randn(3, 5, 5)), r"w_hh must have shape \[D, H, H\] with D in \{1, 2\}"),
+    (dict(h0=torch.randn(1, 4, 5)), r"xw must have shape \[T, B, D, H\] = \[4, 4, 1, 5\]"),
+    (dict(h0=torch.randn(3, 5)), r"h0 must have shape \[D, B, H\]"),
+    (dict(h0=torch.randn(1, 3, 5, dtype=torch.float64)), r"h0 must have the dtype of w_hh"),
+    (dict(xw=torch.randn(4, 3, 1, 5, dtype=torch.float64)), r"xw must have the dtype of w_hh"),
+    (dict(activation="sigmoid"), r"activation must be 'tanh' or 'relu', got 'sigmoid'"),
+    (dict(batch_sizes=torch.tensor([3, 2])), r"xw must have shape \[N, D, H\] \(packed\)"),
+    (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([3, 2])),
+     r"xw must have shape \[N = sum\(batch_sizes\), D, H\] = \[5, 1, 5\]"),
+    (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([3, 4])), r"non-increasing"),
+    (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([2, 2, 2])), r"batch_sizes\[0\] \(2\) must equal"),
+    (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([3.0, 3.0])), r"batch_sizes must be a 1-D int64"),
+])
+def test_bad_inputs_raise_clear_errors(device, backend, override, message):
+    override = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
+                for k, v in override.items()}
+    with pytest.raises(RuntimeError, match=message):
+        _bad(device, **override)
+
+
+@pytest.mark.gpu
+def test_device_mismatch_names_the_argument():
+    with pytest.raises(RuntimeError, match=r"h0 must be on the device of w_hh"):
+        _bad("cpu", h0=torch.randn(1, 3, 5, device="cuda"))
+
+
+def test_cpu_kernel_rejects_half_with_a_hint():
+    with pytest.raises(RuntimeError, match=r"CPU backend supports float32 and float64, got Half"):
+        _bad("cpu", xw=torch.randn(4, 3, 1, 5).half(), w_hh=torch.randn(1, 5, 5).half(),
+             h0=torch.randn(1, 3, 5).half())
