@@ -52,16 +52,25 @@ class FusedRNN(nn.RNN):
         return super().extra_repr() + f", backend={self.backend!r}"
 
     def _layer_weights(self, layer: int):
-        """Parameters of one layer stacked over directions: w_ih [D,H,I], w_hh [D,H,H], biases [D,H]."""
+        """One layer's parameters stacked over directions: w_ih [D,H,I], w_hh [D,H,H], bias [D,H] or None.
+
+        The two biases are summed per direction before stacking. Summing after a per-leaf view (unsqueeze,
+        stack) would hand both bias leaves views of one gradient buffer, which autograd's gradient
+        accumulation then shares between bias_ih.grad and bias_hh.grad: a second backward through a
+        retained graph would double-count (seen with torch 2.14; tests/test_modules.py checks it).
+        """
         suffixes = ["", "_reverse"] if self.bidirectional else [""]
 
-        def stacked(kind: str):
-            tensors = [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes]
+        def stacked(tensors):
             return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
-        b_ih = stacked("bias_ih") if self.bias else None
-        b_hh = stacked("bias_hh") if self.bias else None
-        return stacked("weight_ih"), stacked("weight_hh"), b_ih, b_hh
+        def params(kind: str):
+            return [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes]
+
+        bias = None
+        if self.bias:
+            bias = stacked([b_ih + b_hh for b_ih, b_hh in zip(params("bias_ih"), params("bias_hh"))])
+        return stacked(params("weight_ih")), stacked(params("weight_hh")), bias
 
     def forward(self, input, hx: Tensor | None = None):
         self._update_flat_weights()
@@ -108,9 +117,9 @@ class FusedRNN(nn.RNN):
         layer_input = data
         h_n = []
         for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self._layer_weights(layer)
+            w_ih, w_hh, bias = self._layer_weights(layer)
             h0 = hx[layer * num_directions:(layer + 1) * num_directions]
-            layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, b_ih, b_hh, h0, batch_sizes,
+            layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
                                              self.nonlinearity, self.backend)
             h_n.append(h_last)
             # Dropout sits between layers only, in training only; h_n is taken before it.
@@ -167,11 +176,9 @@ class FusedRNNCell(nn.RNNCell):
             raise RuntimeError(
                 f"input dtype ({input.dtype}) must match the weight dtype ({self.weight_ih.dtype})")
 
-        def per_direction(p: Tensor | None):
-            return None if p is None else p.unsqueeze(0)
-
-        _, h_last = rnn_layer(input.unsqueeze(0), self.weight_ih.unsqueeze(0), self.weight_hh.unsqueeze(0),
-                              per_direction(self.bias_ih), per_direction(self.bias_hh), hx.unsqueeze(0),
-                              None, self.nonlinearity, self.backend)
+        # Biases summed before the unsqueeze, for the reason given in FusedRNN._layer_weights.
+        bias = (self.bias_ih + self.bias_hh).unsqueeze(0) if self.bias else None
+        _, h_last = rnn_layer(input.unsqueeze(0), self.weight_ih.unsqueeze(0), self.weight_hh.unsqueeze(0), bias,
+                              None, hx.unsqueeze(0), None, self.nonlinearity, self.backend)
         h = h_last[0]
         return h if is_batched else h.squeeze(0)
