@@ -1,0 +1,22 @@
+# The two commands of README.md: `make bench` (the main job) and `make test` (what CI runs).
+# Both install what they need first, so they work from a fresh clone.
+PYTHON ?= python3
+PIP = $(PYTHON) -m pip
+
+.PHONY: install test bench clean
+
+# torch first (the extension compiles against the installed torch, so the build is not isolated);
+# then the package with its test and bench extras. A CUDA build of torch plus the CUDA toolkit also
+# builds the CUDA kernels (see setup.py for the switches).
+install:
+	$(PIP) install --quiet "torch>=2.4" ninja pybind11 "setuptools>=64" wheel numpy
+	$(PIP) install --quiet --no-build-isolation -e ".[test,bench]"
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) -m rnn_fused.bench $(BENCH_ARGS)
+
+clean:
+	rm -rf build *.egg-info rnn_fused/*.so
