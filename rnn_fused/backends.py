@@ -66,8 +66,13 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     return None
 
 
+@torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend for ``backend`` ('auto' picks); raises BackendUnavailableError if it can't run."""
+    """The concrete backend for ``backend`` ('auto' picks); raises BackendUnavailableError if it can't run.
+
+    Under torch.compile this runs once at trace time (its answer is a constant of the graph): the checks
+    import modules and query the dispatcher, nothing a graph should contain.
+    """
     check_name(backend)
     if backend == "auto":
         preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)

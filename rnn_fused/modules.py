@@ -32,17 +32,31 @@ def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
         raise RuntimeError(f"hx dtype ({hx.dtype}) must match the input dtype ({input.dtype})")
 
 
-class FusedRNN(nn.RNN):
+class FusedRNN(nn.RNNBase):
     """Elman RNN with fused kernels; ``nn.RNN``'s arguments plus ``backend``.
 
     ``backend``: ``'auto'`` (the fastest available for the input's device and dtype), ``'cuda'``,
     ``'triton'``, ``'cpu'`` or ``'reference'`` (plain PyTorch). An explicit backend that cannot run the
     input raises ``rnn_fused.BackendUnavailableError`` saying why.
+
+    It derives from ``nn.RNNBase``, not ``nn.RNN``: torch.compile refuses to trace instances of ``nn.RNN``
+    (it falls back to eager for them), and ``FusedRNN`` must compile with ``fullgraph=True``. The argument
+    handling below is ``nn.RNN.__init__``'s, with its messages.
     """
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         check_name(backend)
-        super().__init__(*args, **kwargs)
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if self.nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(modes[self.nonlinearity], *args, **kwargs)
         self.backend = backend
 
     def flatten_parameters(self) -> None:
