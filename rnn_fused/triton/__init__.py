@@ -1,9 +1,32 @@
-"""Triton backend of the op boundary (not written yet: see the Triton issue)."""
+"""Triton backend of the op boundary: the torch ops ``rnn_fused::triton_recurrence_forward/backward``.
+
+The kernels and their design (register path for small H, one launch per step above ``MAX_REGISTER_H``) are
+in recurrence.py. Importing this package never fails: without triton, ``unavailable_reason()`` says so and
+``recurrence_forward`` raises with the same sentence. On a machine without a GPU the kernels run on CPU
+tensors under ``TRITON_INTERPRET=1``, which must be set before triton is first imported.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:
+    _REASON: str | None = f"triton is not installed ({error}); install it with `pip install triton`"
+else:
+    _REASON = None
+
+if _REASON is None:
+    from .recurrence import recurrence_backward, recurrence_forward
+else:
+    def recurrence_forward(*args, **kwargs):
+        raise RuntimeError(f"rnn_fused: the Triton backend is unavailable: {_REASON}")
+
+    recurrence_backward = recurrence_forward
 
 
 def unavailable_reason() -> str | None:
-    return "the Triton kernels are not implemented yet"
+    """None when the Triton kernels can run (on CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
+    return _REASON
 
 
-def recurrence_forward(*args, **kwargs):
-    raise NotImplementedError("the Triton backend is not implemented yet")
+__all__ = ["recurrence_backward", "recurrence_forward", "unavailable_reason"]
