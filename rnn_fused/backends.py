@@ -17,7 +17,7 @@ from . import _extension
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 _DTYPES = {
-    "cpu": (torch.float32, torch.float64),
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),  # half types computed in float32
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }

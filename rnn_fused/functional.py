@@ -16,7 +16,13 @@ def recurrence(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None 
     ``w_hh`` ``[D, H, H]``, ``h0`` ``[D, B, H]``. Differentiable w.r.t. ``xw``, ``w_hh`` and ``h0``.
     """
     name = resolve(backend, xw.device, xw.dtype)
-    return recurrence_forward_fn(name)(xw, w_hh, h0, batch_sizes, activation)
+    forward = recurrence_forward_fn(name)
+    if name == "cpu" and xw.dtype in (torch.float16, torch.bfloat16):
+        # The CPU kernels compute half types in float32 (fp32 accumulation and fp32 carried state, as the
+        # GPU kernels do); only the outputs are rounded to the input's dtype.
+        h_all, h_last = forward(xw.float(), w_hh.float(), h0.float(), batch_sizes, activation)
+        return h_all.to(xw.dtype), h_last.to(xw.dtype)
+    return forward(xw, w_hh, h0, batch_sizes, activation)
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor:

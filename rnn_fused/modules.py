@@ -8,6 +8,8 @@ runs through the op boundary (rnn_fused/functional.py) on the chosen backend.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -23,6 +25,14 @@ def _check_same_device(input: Tensor, hx: Tensor) -> None:
             "Input and hidden tensors are not at the same device, "
             f"found input tensor at {input.device} and hidden tensor at {hx.device}"
         )
+
+
+def _autocast_dtype(t: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast asks for on ``t``'s device, or None outside autocast."""
+    device_type = t.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
@@ -65,7 +75,7 @@ class FusedRNN(nn.RNNBase):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
 
-    def _layer_weights(self, layer: int):
+    def _layer_weights(self, layer: int, dtype: torch.dtype | None = None):
         """One layer's parameters stacked over directions: w_ih [D,H,I], w_hh [D,H,H], bias [D,H] or None.
 
         The two biases are summed per direction before stacking. Summing after a per-leaf view (unsqueeze,
@@ -79,7 +89,8 @@ class FusedRNN(nn.RNNBase):
             return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
         def params(kind: str):
-            return [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes]
+            tensors = [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes]
+            return tensors if dtype is None else [t.to(dtype) for t in tensors]
 
         bias = None
         if self.bias:
@@ -119,7 +130,14 @@ class FusedRNN(nn.RNNBase):
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(data, hx, batch_sizes)
         _check_same_device(data, hx)
-        _check_hx_dtype(data, hx)
+        # Under autocast nn.RNN runs in the autocast dtype (weights, input and state cast, gradients flow
+        # back to the float32 parameters through the casts); so do we, with autocast itself switched off
+        # inside so that the input projection and the recurrence agree on one dtype.
+        compute_dtype = _autocast_dtype(data)
+        if compute_dtype is None:
+            _check_hx_dtype(data, hx)
+        else:
+            data, hx = data.to(compute_dtype), hx.to(compute_dtype)
 
         if not is_packed:
             if self.batch_first:
@@ -130,16 +148,17 @@ class FusedRNN(nn.RNNBase):
 
         layer_input = data
         h_n = []
-        for layer in range(self.num_layers):
-            w_ih, w_hh, bias = self._layer_weights(layer)
-            h0 = hx[layer * num_directions:(layer + 1) * num_directions]
-            layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
-                                             self.nonlinearity, self.backend)
-            h_n.append(h_last)
-            # Dropout sits between layers only, in training only; h_n is taken before it.
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_output = F.dropout(layer_output, p=self.dropout, training=True)
-            layer_input = layer_output
+        with torch.autocast(data.device.type, enabled=False) if compute_dtype else contextlib.nullcontext():
+            for layer in range(self.num_layers):
+                w_ih, w_hh, bias = self._layer_weights(layer, compute_dtype)
+                h0 = hx[layer * num_directions:(layer + 1) * num_directions]
+                layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
+                                                 self.nonlinearity, self.backend)
+                h_n.append(h_last)
+                # Dropout sits between layers only, in training only; h_n is taken before it.
+                if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                    layer_output = F.dropout(layer_output, p=self.dropout, training=True)
+                layer_input = layer_output
         hidden = torch.cat(h_n, 0)
 
         if is_packed:
@@ -185,14 +204,21 @@ class FusedRNNCell(nn.RNNCell):
             raise RuntimeError(
                 f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}")
         _check_same_device(input, hx)
-        _check_hx_dtype(input, hx)
-        if input.dtype != self.weight_ih.dtype:
-            raise RuntimeError(
-                f"input dtype ({input.dtype}) must match the weight dtype ({self.weight_ih.dtype})")
-
+        compute_dtype = _autocast_dtype(input)
+        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        if compute_dtype is None:
+            _check_hx_dtype(input, hx)
+            if input.dtype != self.weight_ih.dtype:
+                raise RuntimeError(
+                    f"input dtype ({input.dtype}) must match the weight dtype ({self.weight_ih.dtype})")
+        else:  # as in FusedRNN.forward
+            input, hx = input.to(compute_dtype), hx.to(compute_dtype)
+            weights = [w.to(compute_dtype) for w in weights]
+        w_ih, w_hh = weights[:2]
         # Biases summed before the unsqueeze, for the reason given in FusedRNN._layer_weights.
-        bias = (self.bias_ih + self.bias_hh).unsqueeze(0) if self.bias else None
-        _, h_last = rnn_layer(input.unsqueeze(0), self.weight_ih.unsqueeze(0), self.weight_hh.unsqueeze(0), bias,
-                              None, hx.unsqueeze(0), None, self.nonlinearity, self.backend)
+        bias = (weights[2] + weights[3]).unsqueeze(0) if self.bias else None
+        with torch.autocast(input.device.type, enabled=False) if compute_dtype else contextlib.nullcontext():
+            _, h_last = rnn_layer(input.unsqueeze(0), w_ih.unsqueeze(0), w_hh.unsqueeze(0), bias, None,
+                                  hx.unsqueeze(0), None, self.nonlinearity, self.backend)
         h = h_last[0]
         return h if is_batched else h.squeeze(0)

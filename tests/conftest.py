@@ -48,18 +48,20 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_matches(actual: torch.Tensor, reference64: torch.Tensor, yardstick: torch.Tensor | None = None,
-                   name: str = "") -> None:
+                   name: str = "", precision: torch.dtype | None = None) -> None:
     """``actual`` against the float64 ``reference64`` by the rule above; ``yardstick`` is torch's own result
-    in ``actual``'s dtype (needed unless ``actual`` is float64)."""
+    in ``actual``'s dtype (needed unless ``actual`` is float64). ``precision``: the dtype the result was
+    computed in when it differs from its storage (float32 gradients of a bfloat16 autocast region)."""
+    precision = precision or actual.dtype
     assert actual.shape == reference64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(reference64.shape)}"
     assert torch.isfinite(actual).all() == torch.isfinite(reference64).all(), f"{name}: finiteness differs"
     err = max_error(actual, reference64)
     scale = max(1.0, reference64.abs().max().item() if reference64.numel() else 1.0)
-    if actual.dtype == torch.float64:
+    if precision == torch.float64:
         assert err <= FLOAT64_TOL * scale, f"{name}: float64 error {err:.3e} > {FLOAT64_TOL} x {scale:.1f}"
         return
-    assert yardstick is not None, f"{name}: a {actual.dtype} result needs torch's own result as yardstick"
-    bound = LOW_PRECISION_FACTOR * max_error(yardstick, reference64) + ATOL[actual.dtype] * scale
+    assert yardstick is not None, f"{name}: a {precision} result needs torch's own result as yardstick"
+    bound = LOW_PRECISION_FACTOR * max_error(yardstick, reference64) + ATOL[precision] * scale
     assert err <= bound, (f"{name}: error {err:.3e} > bound {bound:.3e} "
                           f"(torch's own error x{LOW_PRECISION_FACTOR} + atol x scale {scale:.1f})")
 

@@ -308,8 +308,8 @@ def test_unavailable_backend_says_why():
     rnn = FusedRNN(4, 5, backend="cuda")
     with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is unavailable: .*CUDA tensors"):
         rnn(torch.randn(3, 2, 4))
-    with pytest.raises(BackendUnavailableError, match=r"backend 'cpu' supports float32, float64, got float16"):
-        FusedRNN(4, 5, backend="cpu", dtype=torch.float16)(torch.randn(3, 2, 4, dtype=torch.float16))
+    with pytest.raises(BackendUnavailableError, match=r"backend 'triton' supports float32, float16, bfloat16, got float64"):
+        FusedRNN(4, 5, backend="triton", dtype=torch.float64)(torch.randn(3, 2, 4, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("make_input", [
