@@ -1,0 +1,164 @@
+// Step-by-step fallback for shapes the persistent kernels cannot hold on chip (a W_hh slice larger than a
+// CTA's shared memory, too few co-resident CTAs, no cooperative launch): the host walks the schedule and
+// launches, per step and direction,
+//   forward : Z = h_{prev} W^T (cuBLAS through at::mm_out, fp32 output for fp16/bf16 inputs), then one fused
+//             pointwise kernel h_t = act(xw_t + Z) that also writes h_last for the rows that end;
+//   backward: G = dz_{next} W (cuBLAS), then one fused pointwise kernel that writes dz_t = (dh_all_t + G or
+//             dh_last) * act'(h_t) and dh0 for the rows that started at the next visited step.
+// Memory: Z / G are one [B, H] fp32 (fp64) scratch reused by every step; h_all / dz are read in place
+// through strided views (row stride D*H), so nothing is copied per step.
+// Floor: the GEMM's (W_hh read from L2/HBM once per step, 2*rows*H*H flops) plus ~3 launches per step, the
+// regime of large H where the GEMM dominates. The same schedule as the CPU backend, in the same order.
+#include "recurrence_cuda.cuh"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+
+namespace rnn_fused {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int blocks_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, int64_t(1) << 16));
+}
+
+// h_t[r, j] = act(xw_t[r, j] + z[r, j]) for r < rows; rows >= continuing end here and also go to h_last.
+template <typename scalar_t, Activation kAct>
+__global__ void __launch_bounds__(kThreads) step_forward_kernel(
+    const scalar_t* __restrict__ xw,                  // [N, D, H], at the step's first row and direction d
+    const at::opmath_type<scalar_t>* __restrict__ z,  // [rows, H]
+    scalar_t* __restrict__ h_t,                       // [N, D, H], like xw
+    scalar_t* __restrict__ h_last,                    // [B, H] of direction d
+    int64_t rows, int64_t continuing, int64_t H, int64_t rs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < rows * H;
+       idx += int64_t(gridDim.x) * kThreads) {
+    const int64_t r = idx / H, j = idx - r * H;
+    const scalar_t h = static_cast<scalar_t>(activate<kAct>(static_cast<acc_t>(xw[r * rs + j]) + z[idx]));
+    h_t[r * rs + j] = h;
+    if (r >= continuing) h_last[idx] = h;
+  }
+}
+
+// For r < rows: dz_t[r, j] = (dh_all_t[r, j] + (r < continuing ? g[r, j] : dh_last[r, j])) * act'(h_t[r, j]);
+// for continuing <= r < g_rows: dh0[r, j] = g[r, j] (rows that started at the step visited after).
+template <typename scalar_t, Activation kAct>
+__global__ void __launch_bounds__(kThreads) step_backward_kernel(
+    const scalar_t* __restrict__ h_t,                 // [N, D, H], at the step's first row and direction d
+    const scalar_t* __restrict__ dh_t,                // like h_t, or nullptr
+    const scalar_t* __restrict__ dh_last,             // [B, H] of direction d, or nullptr
+    const at::opmath_type<scalar_t>* __restrict__ g,  // [g_rows, H] = dz_{next} W
+    scalar_t* __restrict__ dz_t,                      // like h_t
+    scalar_t* __restrict__ dh0,                       // [B, H] of direction d
+    int64_t rows, int64_t continuing, int64_t g_rows, int64_t H, int64_t rs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = std::max(rows, g_rows) * H;
+  for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * kThreads) {
+    const int64_t r = idx / H, j = idx - r * H;
+    if (r < rows) {
+      const int64_t off = r * rs + j;
+      const acc_t carry = r < continuing ? g[idx] : (dh_last ? static_cast<acc_t>(dh_last[idx]) : acc_t(0));
+      const acc_t dh = dh_t ? static_cast<acc_t>(dh_t[off]) : acc_t(0);
+      dz_t[off] = static_cast<scalar_t>((dh + carry) * activation_grad<kAct>(static_cast<acc_t>(h_t[off])));
+    }
+    if (r >= continuing && r < g_rows) dh0[idx] = static_cast<scalar_t>(g[idx]);
+  }
+}
+
+// out[rows, H] (opmath dtype) = a[rows, H] @ b[H, H]; a and b may be strided views (cuBLAS takes the
+// leading dimensions), fp16/bf16 inputs accumulate and store in fp32.
+void mm_opmath(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == out.scalar_type()) {
+    at::mm_out(out, a, b);
+  } else {
+    at::mm_out(out, a, b, out.scalar_type());
+  }
+}
+
+// The [N, H] view of direction d of a [N, D, H] (or [T, B, D, H]) tensor: row stride D*H, no copy.
+at::Tensor direction_rows(const at::Tensor& x, const RecurrenceProblem& p, int64_t d) {
+  return x.view({p.N, p.D, p.H}).select(1, d);
+}
+
+}  // namespace
+
+void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at::Tensor& w_hh,
+                      const at::Tensor& h0, at::Tensor& h_all, at::Tensor& h_last) {
+  const at::ScalarType acc_type = at::toOpMathType(xw.scalar_type());
+  at::Tensor z = at::empty({p.B, p.H}, xw.options().dtype(acc_type));
+  const int64_t rs = p.D * p.H;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::vector<std::vector<Step>> schedules;
+  for (int64_t d = 0; d < p.D; ++d) schedules.push_back(p.schedule(d));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw.scalar_type(), "rnn_fused_stepwise_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    RNN_FUSED_ACTIVATION_SWITCH(p.activation, kAct, [&] {
+      for (int64_t s = 0; s < p.T; ++s) {
+        for (int64_t d = 0; d < p.D; ++d) {
+          const Step& st = schedules[d][s];
+          const at::Tensor w_t = w_hh[d].t();
+          if (st.carried > 0) {
+            const Step& prev = schedules[d][s - 1];
+            mm_opmath(z.narrow(0, 0, st.carried), direction_rows(h_all, p, d).narrow(0, prev.row_begin, st.carried),
+                      w_t);
+          }
+          if (st.rows > st.carried) {
+            mm_opmath(z.narrow(0, st.carried, st.rows - st.carried),
+                      h0[d].narrow(0, st.carried, st.rows - st.carried), w_t);
+          }
+          const int64_t off = st.row_begin * rs + d * p.H;
+          step_forward_kernel<scalar_t, kAct><<<blocks_for(st.rows * p.H), kThreads, 0, stream>>>(
+              xw.data_ptr<scalar_t>() + off, z.data_ptr<acc_t>(), h_all.data_ptr<scalar_t>() + off,
+              h_last.data_ptr<scalar_t>() + d * p.B * p.H, st.rows, st.continuing, p.H, rs);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+    });
+  });
+}
+
+void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const at::Tensor& h_all,
+                       const at::Tensor& dh_all, const at::Tensor& dh_last, at::Tensor& dz, at::Tensor& dh0) {
+  const at::ScalarType acc_type = at::toOpMathType(h_all.scalar_type());
+  at::Tensor g = at::empty({p.B, p.H}, h_all.options().dtype(acc_type));
+  const int64_t rs = p.D * p.H;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  std::vector<std::vector<Step>> schedules;
+  for (int64_t d = 0; d < p.D; ++d) schedules.push_back(p.schedule(d));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_all.scalar_type(), "rnn_fused_stepwise_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    RNN_FUSED_ACTIVATION_SWITCH(p.activation, kAct, [&] {
+      // Iteration u writes dz of visited step s = T-1-u (none when u == T) from G = dz_{s+1} W; rows of
+      // step s+1 that do not continue into step s started there and take G as their dh0.
+      for (int64_t u = 0; u <= p.T; ++u) {
+        const int64_t s = p.T - 1 - u;
+        for (int64_t d = 0; d < p.D; ++d) {
+          const Step cur = s >= 0 ? schedules[d][s] : Step{0, 0, 0, 0, 0};
+          const int64_t g_rows = u > 0 ? schedules[d][s + 1].rows : 0;
+          if (g_rows > 0) {
+            mm_opmath(g.narrow(0, 0, g_rows),
+                      direction_rows(dz, p, d).narrow(0, schedules[d][s + 1].row_begin, g_rows), w_hh[d]);
+          }
+          const int64_t n = std::max(cur.rows, g_rows) * p.H;
+          if (n == 0) continue;
+          const int64_t off = cur.row_begin * rs + d * p.H;
+          const int64_t state = d * p.B * p.H;
+          step_backward_kernel<scalar_t, kAct><<<blocks_for(n), kThreads, 0, stream>>>(
+              h_all.data_ptr<scalar_t>() + off, dh_all.defined() ? dh_all.data_ptr<scalar_t>() + off : nullptr,
+              dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr, g.data_ptr<acc_t>(),
+              dz.data_ptr<scalar_t>() + off, dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows,
+              p.H, rs);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+      }
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace rnn_fused

@@ -1,0 +1,109 @@
+"""The CUDA kernels (csrc/cuda/) on a GPU: both kernel families, forced one at a time with
+RNN_FUSED_CUDA_KERNEL, against the float64 reference, on shapes chosen to reach every branch of the
+persistent kernel's plan (one CTA per direction, H split over many CTAs, the batch split over CTAs, the
+staged state in several chunks), packed and bidirectional layouts, and the half types.
+
+Skipped without a GPU (marker `gpu`); test_ops.py and test_modules.py also run the `cuda` backend
+through the automatic choice when a GPU is present. The launch plan's refusal is checked too: forcing the
+persistent kernel on a problem it cannot hold raises an error that says why.
+"""
+
+import pytest
+import torch
+
+from rnn_fused import reference as R
+
+from .conftest import EXTENSION_ERROR, assert_matches
+
+pytestmark = pytest.mark.gpu
+
+KERNELS = ["persistent", "stepwise"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """The kernel family the C++ side must take (read from the environment at every call)."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_KERNEL", request.param)
+    return request.param
+
+
+def _problem(T, B, H, D, packed, seed=0, device="cuda"):
+    torch.manual_seed(seed)
+    if packed:  # lengths from 1 to T, sorted longest first, one sequence of each length at least once
+        lengths = sorted((torch.arange(B) % T + 1).tolist(), reverse=True)
+        lengths[0] = T
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)], dtype=torch.int64)
+        rows = (int(batch_sizes.sum()),)
+    else:
+        batch_sizes, rows = None, (T, B)
+    xw = torch.randn(*rows, D, H, dtype=torch.float64, device=device)
+    w_hh = torch.randn(D, H, H, dtype=torch.float64, device=device) / H ** 0.5
+    h0 = torch.randn(D, B, H, dtype=torch.float64, device=device)
+    dh_all, dh_last = torch.randn_like(xw), torch.randn_like(h0)
+    return xw, w_hh, h0, batch_sizes, dh_all, dh_last
+
+
+def _check(T, B, H, D, packed, dtype, activation="tanh"):
+    assert EXTENSION_ERROR is None, EXTENSION_ERROR
+    xw, w_hh, h0, bs, dh_all, dh_last = _problem(T, B, H, D, packed)
+    ref = R.recurrence_forward(xw, w_hh, h0, bs, activation)
+    ref += R.recurrence_backward(w_hh, ref[0], h0, dh_all, dh_last, bs, activation)
+
+    def run(op_forward, op_backward):
+        args = [t.to(dtype) for t in (xw, w_hh, h0)]
+        h_all, h_last = op_forward(*args, bs, activation)
+        dz, dh0 = op_backward(args[1], h_all, args[2], dh_all.to(dtype), dh_last.to(dtype), bs, activation)
+        return h_all, h_last, dz, dh0
+
+    ours = run(torch.ops.rnn_fused.recurrence_forward, torch.ops.rnn_fused.recurrence_backward)
+    torch.cuda.synchronize()
+    yard = run(R.recurrence_forward, R.recurrence_backward) if dtype != torch.float64 else [None] * 4
+    for name, a, r, y in zip(["h_all", "h_last", "dz", "dh0"], ours, ref, yard):
+        assert_matches(a, r, y, name=f"{name} T={T} B={B} H={H} D={D} packed={packed} {dtype}")
+
+
+# (T, B, H): one CTA per direction; H over many CTAs, not a multiple of 4; batch split over CTAs
+# (B >= 2 x 16); the staged state in chunks (B x H too large for one CTA's shared memory); H at the limit
+# where the persistent plan still fits (fp32 W_hh slice of 16 x 2048).
+SHAPES = [(5, 1, 7), (33, 3, 257), (17, 70, 64), (9, 256, 1024), (4, 5, 2048)]
+
+
+@pytest.mark.parametrize("T,B,H", SHAPES)
+@pytest.mark.parametrize("D", [1, 2])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_match_reference(kernel, T, B, H, D, packed, dtype):
+    _check(T, B, H, D, packed, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_half_types_match_reference(kernel, dtype, activation):
+    _check(40, 6, 96, 2, True, dtype, activation)
+
+
+def test_relu_float64_long_sequence(kernel):
+    _check(300, 4, 48, 2, False, torch.float64, "relu")
+
+
+def test_forcing_persistent_on_too_large_a_problem_says_why(monkeypatch):
+    monkeypatch.setenv("RNN_FUSED_CUDA_KERNEL", "persistent")
+    H = 16384  # a 4 x 16384 fp64 W_hh slice alone exceeds any GPU's shared memory per CTA
+    xw = torch.randn(2, 1, 1, H, dtype=torch.float64, device="cuda")
+    w_hh = torch.randn(1, H, H, dtype=torch.float64, device="cuda")
+    h0 = torch.randn(1, 1, H, dtype=torch.float64, device="cuda")
+    with pytest.raises(RuntimeError, match="persistent kernel cannot run this problem.*shared memory"):
+        torch.ops.rnn_fused.recurrence_forward(xw, w_hh, h0, None, "tanh")
+
+
+def test_unknown_kernel_choice_is_an_error(monkeypatch):
+    monkeypatch.setenv("RNN_FUSED_CUDA_KERNEL", "fastest")
+    xw, w_hh, h0, *_ = _problem(3, 2, 8, 1, False)
+    with pytest.raises(RuntimeError, match="RNN_FUSED_CUDA_KERNEL must be auto, persistent or stepwise"):
+        torch.ops.rnn_fused.recurrence_forward(xw, w_hh, h0, None, "tanh")
+
+
+def test_cuda_op_rejects_cpu_weights():
+    xw, w_hh, h0, *_ = _problem(3, 2, 8, 1, False)
+    with pytest.raises(RuntimeError, match="device|CUDA"):
+        torch.ops.rnn_fused.recurrence_forward(xw, w_hh.cpu(), h0, None, "tanh")
