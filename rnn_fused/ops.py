@@ -85,7 +85,16 @@ def register(forward_op: str, backward_op: str) -> None:
 
     def backward_rule(ctx, dh_all, dh_last):
         w_hh, h0, h_all = ctx.saved_tensors
-        dz, dh0 = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (dh_all, dh_last, w_hh, h0, h_all)):
+            # create_graph=True (gradient penalties differentiate the gradient): the kernels have no
+            # derivative of their own, so BPTT runs as the reference's differentiable torch ops instead.
+            from . import reference
+
+            dz, dh0 = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes,
+                                                    ctx.activation)
+        else:
+            dz, dh0 = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
         dw_hh = weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
         return dz, dw_hh, dh0, None, None
 

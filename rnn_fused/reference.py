@@ -15,7 +15,7 @@ Backpropagation through time (BPTT) runs the recurrence backwards. With ``dh_t``
 w.r.t. ``h_t`` arriving from outside (the layer's output) and ``carry_t`` the gradient arriving from step
 t+1 through W_hh::
 
-    dz_t      = (dh_t + carry_t) * act'(z_t)          act'(z) = 1 - h^2 (tanh), [h > 0] (relu)
+    dz_t      = (dh_t + carry_t) * act'(z_t)          act'(z) = 1 - h^2 (tanh), [not h <= 0] (relu; NaN passes, as in torch)
     carry_t-1 = W_hh^T dz_t
     dW_hh     = sum_t dz_t h_{t-1}^T,  d(xw_t) = dz_t,  dh_0 = carry_0
 
@@ -45,7 +45,7 @@ def activation_fn(activation: str):
 
 def activation_grad(h: Tensor, activation: str) -> Tensor:
     """act'(z) expressed through h = act(z): the backward needs only the stored hidden states."""
-    return 1 - h * h if activation == "tanh" else (h > 0).to(h.dtype)
+    return 1 - h * h if activation == "tanh" else (h <= 0).logical_not().to(h.dtype)  # NaN -> 1, as torch.relu's backward
 
 
 def textbook_rnn(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, h0: Tensor,

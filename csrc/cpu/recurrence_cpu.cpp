@@ -52,11 +52,14 @@ constexpr int64_t kBlasMinFlops = 96 * 1024;
 // ---- activations --------------------------------------------------------------------------------------
 
 // tanh for float as a [13/6] rational minimax approximation on [-7.9, 7.9] (the form Eigen uses), which
-// the compiler vectorises; |error| <= 2 ulp near 0 and < 1e-7 overall (tested in tests/test_cpu_kernels.py
-// through the op). Beyond the clamp tanh is +-1 to float precision.
+// the compiler vectorises; |error| <= 2 ulp near 0 and < 1e-7 overall (tested through the op
+// against float64). Beyond the clamp tanh is +-1 to float precision. The clamp is written with comparisons
+// that are false for NaN, so NaN passes through (std::min/std::max would turn it into -+clamp, hiding a
+// diverged run from the user, as nn.RNN does not).
 RNN_FUSED_INLINE float tanh_fast(float x) {
   const float clamp = 7.90531110763549805f;
-  x = std::min(clamp, std::max(-clamp, x));
+  x = x < -clamp ? -clamp : x;
+  x = x > clamp ? clamp : x;
   const float x2 = x * x;
   float p = -2.76076847742355e-16f;
   p = p * x2 + 2.00018790482477e-13f;
@@ -81,7 +84,7 @@ RNN_FUSED_INLINE T activate(T z, Activation act) {
 // act'(z) written in terms of h = act(z), so the backward needs only h_all.
 template <typename T>
 RNN_FUSED_INLINE T activation_grad(T h, Activation act) {
-  return act == Activation::Tanh ? T(1) - h * h : (h > T(0) ? T(1) : T(0));
+  return act == Activation::Tanh ? T(1) - h * h : (h <= T(0) ? T(0) : T(1));  // NaN -> 1, as torch's relu backward
 }
 
 // ---- the hand-written step ------------------------------------------------------------------------------

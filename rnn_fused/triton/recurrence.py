@@ -27,7 +27,7 @@ microseconds in Python; not yet measured): capture a whole call in a CUDA graph,
 from the host each call). The threshold is ``MAX_REGISTER_H``, a module constant, so the crossover can be
 measured by moving it (the tests lower it to run the step path at small H).
 
-Variable lengths: the host builds the per-direction step table ``steps [D, T, 4]`` int32 on the device,
+Variable lengths: the host builds the per-direction step table ``steps [D, T, 4]`` int64 on the device,
 (rows, row_begin, carried, continuing) per visited step as in csrc/recurrence_args.h Step; padded input
 passes no table (VARLEN=False) and the kernels derive rows = B, row_begin = t*B. Every accumulation and
 every carried state is fp32 whatever the storage dtype; tl.dot runs with input_precision="ieee" so float32
@@ -68,7 +68,10 @@ _ACTIVATIONS = ("tanh", "relu")
 def _tanh(x):
     # The [13/6] rational minimax tanh of csrc/cpu (Eigen's form): < 1e-7 abs error, 2 ulp near 0, no exp.
     # (libdevice's tanh would do on a GPU but does not exist under TRITON_INTERPRET.)
-    x = tl.minimum(tl.maximum(x, -7.90531110763549805), 7.90531110763549805)
+    # Clamped with comparisons that are false for NaN, so NaN passes through as in torch.tanh
+    # (tl.minimum/tl.maximum drop NaN operands on a GPU by default).
+    x = tl.where(x < -7.90531110763549805, -7.90531110763549805, x)
+    x = tl.where(x > 7.90531110763549805, 7.90531110763549805, x)
     x2 = x * x
     p = x2 * -2.76076847742355e-16 + 2.00018790482477e-13
     p = p * x2 + -8.60467152213735e-11
@@ -87,7 +90,7 @@ def _activate(z, ACTIVATION: tl.constexpr):
     if ACTIVATION == "tanh":
         return _tanh(z)
     else:
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN, as torch.relu
 
 
 @triton.jit
@@ -96,7 +99,7 @@ def _activation_grad(h, ACTIVATION: tl.constexpr):
     if ACTIVATION == "tanh":
         return 1.0 - h * h
     else:
-        return tl.where(h > 0.0, 1.0, 0.0)
+        return tl.where(h <= 0.0, 0.0, 1.0)  # NaN -> 1, as torch's relu backward
 
 
 @triton.jit
@@ -107,7 +110,7 @@ def _step(steps, i_d, s, T, B, VARLEN: tl.constexpr):
         return tl.load(p_step), tl.load(p_step + 1), tl.load(p_step + 2), tl.load(p_step + 3)
     else:
         t = tl.where(i_d == 0, s, T - 1 - s)
-        return B, t * B, tl.where(s > 0, B, 0), tl.where(s < T - 1, B, 0)
+        return B, t.to(tl.int64) * B, tl.where(s > 0, B, 0), tl.where(s < T - 1, B, 0)  # row_begin int64
 
 
 # ---- register path: one program per (batch tile, direction), the whole sequence inside -----------------
@@ -121,7 +124,7 @@ def _forward_register_kernel(
     h0,      # [D, B, H]
     h_all,   # [N, D, H] out
     h_last,  # [D, B, H] out
-    steps,   # [D, T, 4] int32, or None (padded)
+    steps,   # [D, T, 4] int64, or None (padded)
     T, B, D, H,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, VARLEN: tl.constexpr,
 ):
@@ -162,7 +165,7 @@ def _backward_register_kernel(
     dh_last,  # [D, B, H] or None
     dz,       # [N, D, H] out
     dh0,      # [D, B, H] out
-    steps,    # [D, T, 4] int32, or None (padded)
+    steps,    # [D, T, 4] int64, or None (padded)
     T, B, D, H,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, VARLEN: tl.constexpr,
     HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr,
@@ -225,7 +228,7 @@ def _forward_step_kernel(
     h_dst,    # [D, B, H] fp32 out, the state after this step
     h_all,    # [N, D, H] out
     h_last,   # [D, B, H] out
-    steps,    # [D, T, 4] int32, or None (padded)
+    steps,    # [D, T, 4] int64, or None (padded)
     s, T, B, D, H,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     VARLEN: tl.constexpr,
@@ -284,7 +287,7 @@ def _backward_step_kernel(
     c_dst,    # [D, B, H] fp32 out, W^T dz of this step
     dz,       # [N, D, H] out
     dh0,      # [D, B, H] out
-    steps,    # [D, T, 4] int32, or None (padded)
+    steps,    # [D, T, 4] int64, or None (padded)
     s, T, B, D, H,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     VARLEN: tl.constexpr, HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr,
@@ -377,7 +380,8 @@ def _check(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_sizes:
 
 
 def _step_table(sizes: list, D: int, device: torch.device) -> Tensor:
-    """[D, T, 4] int32 (rows, row_begin, carried, continuing) per visited step: RecurrenceProblem::schedule."""
+    """[D, T, 4] int64 (rows, row_begin, carried, continuing) per visited step: RecurrenceProblem::schedule.
+    int64 because row_begin passes 2^31 for packed batches of more than 2^31 rows."""
     bs = torch.tensor(sizes, dtype=torch.int64)
     row_begin = torch.cumsum(bs, 0) - bs
     zero = bs.new_zeros(1)
@@ -386,7 +390,7 @@ def _step_table(sizes: list, D: int, device: torch.device) -> Tensor:
     forward = torch.stack([bs, row_begin, before, after], dim=1)
     # the reverse direction visits t = T-1..0: its previous step is t+1 and its next step t-1
     reverse = torch.stack([bs, row_begin, after, before], dim=1).flip(0)
-    table = torch.stack([forward, reverse][:D]).to(torch.int32)
+    table = torch.stack([forward, reverse][:D])
     return table.to(device, non_blocking=True)
 
 
