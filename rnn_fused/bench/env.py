@@ -1,0 +1,107 @@
+"""The numerical flags a run pins, and the environment it records next to its numbers.
+
+A time means little without the machine, the library versions, the thread count and the precision flags:
+TF32 alone changes cuDNN's and cuBLAS's fp32 results and speed several-fold on Ampere and later, so the
+flags are set explicitly at the start of a run (exact fp32 unless the preset or --allow-tf32 says
+otherwise) and recorded, not left to whatever the process had.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def pin_flags(tf32: bool, threads: int | None = None) -> dict:
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if threads:
+        torch.set_num_threads(threads)
+    return flags()
+
+
+def flags() -> dict:
+    return {
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn.enabled": torch.backends.cudnn.enabled,
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def environment(device: str, argv: list[str] | None = None) -> dict:
+    from .providers import fused_rnn_class
+
+    _, fused_note = fused_rnn_class()
+    # Dirty = the code that ran differs from the commit: modified or new files, result folders aside.
+    status = _git("status", "--porcelain")
+    if status is not None:
+        status = [line for line in status.splitlines()
+                  if not line[3:].startswith(("benchmarks/results/", "bench-out/"))]
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, "-m", "rnn_fused.bench",
+                                                      *(sys.argv[1:] if argv is None else argv)]),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        # Other processes' load when the run started: on a shared machine it explains noisy CPU numbers.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "triton": _version("triton"),
+        "flashrnn": _version("flashrnn"),
+        "rnn_fused": _version("rnn-fused"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "fused_rnn": fused_note or "rnn_fused.FusedRNN",
+        "flags": flags(),
+    }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                      "memory_GiB": round(props.total_memory / 2**30, 1), "sm_count": props.multi_processor_count}
+    return env

@@ -1,0 +1,207 @@
+"""The implementations that are timed ("providers"), each behind one small interface.
+
+A provider says whether it can run a case (``unavailable(case)`` -> None or the reason, shown in the
+report as 'skipped') and builds ``(model, params)`` for a workload: ``model(input, h0) -> (output, h_n)``
+with nn.RNN's contract, and ``params`` its leaf parameters under nn.RNN's names (the gate compares their
+gradients by name). Every provider starts from the baseline nn.RNN's state_dict, so all run the same
+weights.
+
+- ``nn.RNN``: the baseline every speedup is relative to (cuDNN on a GPU, ATen's RNN on a CPU);
+- ``cuda``, ``triton``, ``cpu``, ``reference``: ``rnn_fused.FusedRNN(backend=...)``;
+- ``compile``: ``torch.compile`` of FusedRNN(backend='reference'), i.e. the reference loop compiled whole;
+- ``flashrnn``: FlashRNN's fused Elman kernel (flashrnn_adapter.py, unverified), GPU only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .. import backends
+from .cases import Case
+from .workload import DTYPES, Workload
+
+FUSED_BACKENDS = ("cuda", "triton", "cpu", "reference")
+ALL_PROVIDERS = ("nn.RNN",) + FUSED_BACKENDS + ("compile", "flashrnn")
+BASELINE = "nn.RNN"
+
+
+# --- FusedRNN, or a stand-in while it is missing ---------------------------------------------------------------
+
+class ShimRNN(nn.RNN):
+    """Stand-in for rnn_fused.FusedRNN when it cannot be imported: one layer (either direction count),
+    padded input, through functional.rnn_layer. nn.RNN's parameters and state_dict, so weights load the
+    same way. Cases it cannot run are skipped with the reason."""
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input, hx=None):
+        from ..functional import rnn_layer
+
+        suffixes = ["", "_reverse"] if self.bidirectional else [""]
+        w_ih = torch.stack([getattr(self, f"weight_ih_l0{s}") for s in suffixes])
+        w_hh = torch.stack([getattr(self, f"weight_hh_l0{s}") for s in suffixes])
+        b_ih = torch.stack([getattr(self, f"bias_ih_l0{s}") for s in suffixes]) if self.bias else None
+        b_hh = torch.stack([getattr(self, f"bias_hh_l0{s}") for s in suffixes]) if self.bias else None
+        return rnn_layer(input, w_ih, w_hh, b_ih, b_hh, hx, None, self.nonlinearity, self.backend)
+
+
+def fused_rnn_class():
+    """(class, note): rnn_fused.FusedRNN and None, or ShimRNN and why it stands in."""
+    try:
+        from rnn_fused import FusedRNN
+    except ImportError as error:
+        return ShimRNN, f"rnn_fused.FusedRNN is unavailable ({error}); a 1-layer shim over rnn_layer stands in"
+    return FusedRNN, None
+
+
+def _shim_limit(case: Case) -> str | None:
+    cls, note = fused_rnn_class()
+    if cls is ShimRNN and (case.num_layers != 1 or case.packed):
+        return f"{note}: it runs 1 layer, padded input only"
+    return None
+
+
+def _new_fused(case: Case, backend: str, workload: Workload):
+    cls, _ = fused_rnn_class()
+    model = cls(case.I, case.H, case.num_layers, nonlinearity=case.nonlinearity, bidirectional=case.bidirectional,
+                device=case.device, dtype=DTYPES[case.dtype], backend=backend)
+    model.load_state_dict(workload.baseline.state_dict())
+    return model
+
+
+# --- providers ---------------------------------------------------------------------------------------------------
+
+class Provider:
+    name = ""
+
+    def label(self, device: str) -> str:
+        return self.name
+
+    def unavailable(self, case: Case) -> str | None:
+        return None
+
+    def build(self, workload: Workload):
+        raise NotImplementedError
+
+    def first_call_done(self, seconds: float) -> None:
+        """Told how long the first (gate) call took: compile-style providers police their budget here."""
+
+    def first_call_failed(self, error: BaseException) -> str | None:
+        """A reason to report 'skipped' instead of 'error' (an environment limit, not a wrong kernel)."""
+        return None
+
+
+class TorchRNN(Provider):
+    name = BASELINE
+
+    def label(self, device: str) -> str:
+        return "torch.nn.RNN (cuDNN)" if device == "cuda" else "torch.nn.RNN (ATen)"
+
+    def build(self, workload: Workload):
+        return workload.baseline, dict(workload.baseline.named_parameters())
+
+
+class Fused(Provider):
+    def __init__(self, backend: str):
+        self.name = backend
+        self.backend = backend
+
+    def label(self, device: str) -> str:
+        return f"FusedRNN(backend='{self.backend}')"
+
+    def unavailable(self, case: Case) -> str | None:
+        if self.backend == "triton" and case.device == "cpu":
+            # The CPU path of Triton is its interpreter (TRITON_INTERPRET=1), a debugging tool: timing it
+            # would measure Python, not the kernel.
+            return "Triton runs on GPUs; its CPU interpreter is for testing, not timing"
+        reason = backends.unavailable_reason(self.backend, torch.device(case.device), DTYPES[case.dtype])
+        return reason or _shim_limit(case)
+
+    def build(self, workload: Workload):
+        model = _new_fused(workload.case, self.backend, workload)
+        return model, dict(model.named_parameters())
+
+
+class Compiled(Provider):
+    """torch.compile of the reference loop (FusedRNN(backend='reference')), compiled whole.
+
+    Dynamo unrolls the Python loop over time, so the graph has T x layers x directions steps and inductor can
+    fuse across them; the price is compile time that grows with T (on a 2-core CPU ~20 s forward and ~100 s
+    fwd+bwd at T=256). The compile happens in the gate call (not timed, recorded as first_call_s). Cases
+    beyond ``max_steps`` unrolled steps are skipped; once a compile takes longer than ``budget_s`` or fails,
+    the provider is skipped for the rest of the run with that reason.
+    """
+
+    name = "compile"
+
+    def __init__(self, budget_s: float = 120.0, max_steps: int = 1024, total_budget_s: float = 1800.0):
+        self.budget_s = budget_s
+        self.max_steps = max_steps
+        self.total_budget_s = total_budget_s  # all compiles of the run together
+        self.total_s = 0.0
+        self.disabled: str | None = None
+
+    def label(self, device: str) -> str:
+        return "torch.compile(reference loop)"
+
+    def unavailable(self, case: Case) -> str | None:
+        if self.disabled:
+            return self.disabled
+        if case.packed:
+            return "packed input: batch sizes per step are data (the loop would graph-break or recompile)"
+        steps = case.T * case.num_layers * (2 if case.bidirectional else 1)
+        if steps > self.max_steps:
+            return f"{steps} unrolled steps > {self.max_steps} (compile time grows with the unrolled steps)"
+        return _shim_limit(case)
+
+    def build(self, workload: Workload):
+        # A fresh compile per case: dynamo caches per code object (FusedRNN.forward), and past its
+        # recompile limit it silently falls back to eager, which would then be timed as 'compile'.
+        torch._dynamo.reset()
+        model = _new_fused(workload.case, "reference", workload)
+        return torch.compile(model, dynamic=False), dict(model.named_parameters())
+
+    def first_call_done(self, seconds: float) -> None:
+        self.total_s += seconds
+        if seconds > self.budget_s:
+            self.disabled = (f"an earlier compile took {seconds:.0f} s > budget {self.budget_s:.0f} s; "
+                             f"skipped for the rest of the run")
+        elif self.total_s > self.total_budget_s:
+            self.disabled = (f"compiles so far took {self.total_s:.0f} s > the run's compile budget "
+                             f"{self.total_budget_s:.0f} s; skipped for the rest of the run")
+
+    def first_call_failed(self, error: BaseException) -> str | None:
+        self.disabled = f"torch.compile failed earlier: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return f"torch.compile failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def make_providers(names=None, *, compile_budget_s: float = 120.0, compile_max_steps: int = 1024,
+                   compile_total_budget_s: float = 1800.0) -> list[Provider]:
+    """Providers by name, the baseline always first (every speedup is relative to it)."""
+    from .flashrnn_adapter import FlashRNN
+
+    names = list(ALL_PROVIDERS if names is None else names)
+    unknown = [n for n in names if n not in ALL_PROVIDERS]
+    if unknown:
+        raise ValueError(f"unknown provider(s) {unknown}; choose from {ALL_PROVIDERS}")
+    table = {"nn.RNN": TorchRNN, "compile": lambda: Compiled(compile_budget_s, compile_max_steps, compile_total_budget_s),
+             "flashrnn": FlashRNN, **{b: (lambda b=b: Fused(b)) for b in FUSED_BACKENDS}}
+    ordered = [BASELINE] + [n for n in ALL_PROVIDERS if n in names and n != BASELINE]
+    return [table[n]() for n in ordered]
+
+
+def timed_first_call(call):
+    t0 = time.perf_counter()
+    result = call()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - t0
+
+
+__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "Fused", "Provider", "ShimRNN", "TorchRNN",
+           "fused_rnn_class", "make_providers", "timed_first_call"]

@@ -1,0 +1,279 @@
+"""The benchmark suite's own logic (rnn_fused/bench): case grids, the correctness gate, the result file,
+the comparison. Timing numbers themselves are not asserted (they depend on the machine)."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from rnn_fused.bench import cases as C, compare, gate, report, runner, timing, workload
+from rnn_fused.bench import providers as P
+from rnn_fused.bench.__main__ import main
+from rnn_fused.bench.flashrnn_adapter import FlashRNN
+
+TINY_POLICY = timing.TimingPolicy(warmup=1, min_repeats=3, max_repeats=5, min_time_s=0.005, max_time_s=0.5)
+
+
+# --- case grids ------------------------------------------------------------------------------------------------
+
+def test_quick_contains_the_cpu_targets_in_both_modes():
+    ids = {c.id for c in C.PRESETS["quick"].cases("cpu")}
+    for T, B, I, H in [(256, 1, 64, 64), (256, 16, 128, 128), (128, 64, 256, 256)]:
+        for mode in C.MODES:
+            assert C.Case(T, B, I, H, mode=mode, device="cpu").id in ids
+
+
+def test_quick_is_small_fp32_cpu():
+    cases = C.PRESETS["quick"].cases("cpu")
+    assert all(c.device == "cpu" and c.dtype == "float32" for c in cases)
+    assert len(cases) <= 40  # the < 5 minute budget on a 2-core CPU
+    assert "compile" in C.PRESETS["quick"].exclude
+    assert C.PRESETS["quick"].threads == 1
+
+
+def test_gpu_full_grid_is_the_h100_grid():
+    cases = C.PRESETS["gpu-full"].cases("cuda")
+    ids = {c.id for c in cases}
+    assert all(c.device == "cuda" for c in cases)
+    for dtype in ("float32", "bfloat16"):
+        for mode in C.MODES:
+            for B in (1, 8, 16, 256):
+                for H in (128, 256, 384, 512, 1024, 2048):
+                    assert C.Case(512, B, H, H, mode=mode, dtype=dtype, device="cuda").id in ids
+            assert any(c.packed and c.dtype == dtype and c.mode == mode for c in cases)
+    assert {c.dtype for c in cases} == {"float32", "bfloat16"}
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_case_ids_are_unique(name, device):
+    cases = C.PRESETS[name].cases(device)
+    assert cases and len({c.id for c in cases}) == len(cases)
+
+
+@pytest.mark.parametrize("name", sorted(C.PRESETS))
+def test_dry_run_lists_every_preset_without_timing(name, capsys):
+    assert main(["--preset", name, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    device = C.resolve_device(C.PRESETS[name], torch.cuda.is_available())
+    assert f"{len(C.PRESETS[name].cases(device))} cases" in out
+
+
+def test_backends_flag_keeps_the_baseline_and_overrides_exclusions():
+    providers, excluded = __import__("rnn_fused.bench.__main__", fromlist=["x"]).select_providers(
+        C.PRESETS["quick"], ["compile", "cpu"])
+    assert [p.name for p in providers] == ["nn.RNN", "cpu", "compile"] and excluded == {}
+
+
+# --- the correctness gate -----------------------------------------------------------------------------------------
+
+class _Doubler(torch.autograd.Function):
+    """Identity forward, twice the gradient backward: right outputs, wrong gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class WrongOutput(P.Provider):
+    name = "wrong-output"
+
+    def build(self, wl):
+        def model(x, h0):
+            out, h = wl.baseline(x, h0)
+            return out + 1e-3, h
+        return model, dict(wl.baseline.named_parameters())
+
+
+class WrongGradient(P.Provider):
+    name = "wrong-grad"
+
+    def build(self, wl):
+        def model(x, h0):
+            out, h = wl.baseline(x, h0)
+            return _Doubler.apply(out), h
+        return model, dict(wl.baseline.named_parameters())
+
+
+TINY = C.Case(5, 3, 4, 6, device="cpu")
+
+
+@pytest.mark.parametrize("mode", C.MODES)
+def test_gate_reports_a_wrong_provider_failed_and_does_not_time_it(mode):
+    case = dataclasses.replace(TINY, mode=mode)
+    rows, interrupted = runner.run_suite([case], [P.TorchRNN(), WrongOutput(), WrongGradient()], TINY_POLICY)
+    status = {r.provider: r for r in rows}
+    assert not interrupted
+    assert status["nn.RNN"].status == runner.OK and status["nn.RNN"].stats is not None
+    assert status["wrong-output"].status == runner.FAILED
+    assert status["wrong-output"].stats is None and "output" in status["wrong-output"].reason
+    # The gate checks gradients in train mode: right outputs with wrong gradients fail there only.
+    expected = runner.OK if mode == "forward" else runner.FAILED
+    assert status["wrong-grad"].status == expected
+    if mode == "train":
+        assert "grad" in status["wrong-grad"].reason
+
+
+def test_gate_bound_scales_with_torch_error():
+    ref = {"output": torch.zeros(3, dtype=torch.float64)}
+    yard = gate.Yardstick(ref, {"output": 1e-3}, "cpu")
+    assert gate.check({"output": torch.full((3,), 3e-3)}, yard, torch.float32).passed
+    assert not gate.check({"output": torch.full((3,), 5e-3)}, yard, torch.float32).passed
+    assert not gate.check({"output": torch.tensor([0.0, float("nan"), 0.0])}, yard, torch.float32).passed
+    assert not gate.check({"output": torch.zeros(4)}, yard, torch.float32).passed
+    assert not gate.check({}, yard, torch.float32).passed
+
+
+def test_packed_and_bidirectional_workloads_pass_the_gate_with_nn_rnn():
+    for case in (dataclasses.replace(TINY, packed=True, B=4, mode="train"),
+                 dataclasses.replace(TINY, bidirectional=True, num_layers=2, mode="train")):
+        rows, _ = runner.run_suite([case], [P.TorchRNN(), P.Fused("reference")], TINY_POLICY)
+        assert [r.status for r in rows] == [runner.OK, runner.OK], [r.reason for r in rows]
+
+
+# --- a tiny real run through the command line -----------------------------------------------------------------------
+
+def _tiny_grid(device):
+    return [dataclasses.replace(TINY, B=B, mode=m, tags=("sweep-B",)) for B in (1, 3) for m in C.MODES]
+
+
+@pytest.fixture
+def tiny_preset(monkeypatch):
+    preset = C.Preset(name="tiny", description="test", device="cpu", timing=TINY_POLICY, grid=_tiny_grid)
+    monkeypatch.setitem(C.PRESETS, "tiny", preset)
+    return preset
+
+
+def test_tiny_run_writes_the_documented_json(tiny_preset, tmp_path):
+    out = tmp_path / "run"
+    rc = main(["--preset", "tiny", "--backends", "cpu", "reference", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["schema"] == report.SCHEMA
+    assert {"name", "timing", "tf32"} <= set(doc["preset"])
+    env = doc["environment"]
+    for key in ("date", "command", "device_name", "cpu_model", "torch", "cuda", "triton", "git_commit",
+                "torch_threads", "flags"):
+        assert key in env
+    assert env["torch_threads"] == torch.get_num_threads()
+    assert env["flags"]["torch.backends.cuda.matmul.allow_tf32"] is False
+    assert env["flags"]["torch.backends.cudnn.allow_tf32"] is False
+    assert len(doc["cases"]) == 4 and {c["id"] for c in doc["cases"]} == {r["case_id"] for r in doc["results"]}
+    assert [r["provider"] for r in doc["results"][:3]] == ["nn.RNN", "cpu", "reference"]
+    for r in doc["results"]:
+        assert set(report.REQUIRED_RESULT_KEYS) <= set(r)
+        assert r["status"] == "ok", r
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["repeats"] == len(r["samples_ms"]) >= timing.MIN_SAMPLES
+        assert r["peak_mem_bytes"] is None  # not measured on the CPU
+        assert r["speedup_vs_baseline"] > 0
+        assert "output" in r["gate"]
+    assert (out / "report.md").read_text().startswith("# rnn-fused benchmark")
+    assert (out / "plots" / "speedup_vs_B-forward-float32.png").stat().st_size > 0
+    assert (out / "plots" / "speedup_vs_B-train-float32.png").stat().st_size > 0
+
+
+# --- comparison ---------------------------------------------------------------------------------------------------
+
+def _doc(rows, threads=2):
+    return {"schema": report.SCHEMA, "environment": {"device_name": "x", "torch_threads": threads},
+            "results": [{"case_id": c, "provider": p, "status": s, "median_ms": m, "p20_ms": lo, "p80_ms": hi}
+                        for c, p, s, m, lo, hi in rows]}
+
+
+def test_compare_ratios_noise_and_unmatched():
+    old = _doc([("a", "cpu", "ok", 10.0, 9.0, 11.0), ("b", "cpu", "ok", 10.0, 9.9, 10.1),
+                ("c", "cpu", "ok", 1.0, 1.0, 1.0), ("d", "cpu", "ok", 4.0, 4.0, 4.0)])
+    new = _doc([("a", "cpu", "ok", 10.5, 9.5, 11.5), ("b", "cpu", "ok", 5.0, 4.9, 5.1),
+                ("c", "cpu", "FAILED", None, None, None), ("e", "cpu", "ok", 1.0, 1.0, 1.0),
+                ("d", "cpu", "ok", 8.0, 7.9, 8.1)], threads=1)
+    result = compare.compare(old, new)
+    by_case = {r["case_id"]: r for r in result["rows"]}
+    assert set(by_case) == {"a", "b", "d"}
+    assert by_case["a"]["ratio"] == pytest.approx(1.05) and by_case["a"]["verdict"] == "noise"
+    assert by_case["b"]["ratio"] == pytest.approx(0.5) and by_case["b"]["verdict"] == "faster"
+    assert by_case["d"]["ratio"] == pytest.approx(2.0) and by_case["d"]["verdict"] == "slower"
+    assert result["only_old"] == [("c", "cpu")] and result["only_new"] == [("e", "cpu")]
+    assert result["geomean_ratio"] == pytest.approx((1.05 * 0.5 * 2.0) ** (1 / 3))
+    assert result["environment_differences"] == {"torch_threads": {"old": 2, "new": 1}}
+
+
+def test_compare_command_line(tmp_path):
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_doc([("a", "cpu", "ok", 10.0, 9.0, 11.0)])))
+    new.write_text(json.dumps(_doc([("a", "cpu", "ok", 2.5, 2.0, 3.0)])))
+    assert main(["--compare", str(old), "--new", str(new), "--out", str(tmp_path / "cmp")]) == 0
+    written = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert written["rows"][0]["ratio"] == pytest.approx(0.25)
+    assert "0.250" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_load_rejects_other_files(tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("{}")
+    with pytest.raises(ValueError):
+        report.load(path)
+
+
+# --- timing and providers ------------------------------------------------------------------------------------------
+
+def test_summarize_percentiles():
+    s = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median_ms, s.p20_ms, s.p80_ms, s.min_ms, s.repeats) == (3.0, 1.8, 4.2, 1.0, 5)
+
+
+def test_plan_repeats_respects_the_policy():
+    policy = timing.TimingPolicy(warmup=0, min_repeats=10, max_repeats=100, min_time_s=1.0, max_time_s=4.0)
+    assert timing.plan_repeats(0.001, policy) == 100  # fast call: capped at max_repeats
+    assert timing.plan_repeats(0.05, policy) == 20  # min_time_s / estimate
+    assert timing.plan_repeats(0.2, policy) == 10  # min_repeats
+    assert timing.plan_repeats(1.0, policy) == 4  # min_repeats would take 10 s: capped by max_time_s
+    assert timing.plan_repeats(10.0, policy) == timing.MIN_SAMPLES  # very slow: still a spread
+
+
+def test_measure_counts_warmup_and_samples():
+    calls = []
+    policy = timing.TimingPolicy(warmup=2, min_repeats=4, max_repeats=4, min_time_s=10.0, max_time_s=100.0)
+    stats = timing.measure(lambda: calls.append(1), "cpu", policy)
+    assert stats.repeats == 4 and len(stats.samples_ms) == 4
+    assert len(calls) == 2 + 2 + 4  # warm-up, the estimate (2 calls), samples
+
+
+def test_shim_matches_nn_rnn_for_one_layer():
+    torch.manual_seed(0)
+    ref = torch.nn.RNN(4, 6, bidirectional=True)
+    shim = P.ShimRNN(4, 6, bidirectional=True, backend="reference")
+    shim.load_state_dict(ref.state_dict())
+    x, h0 = torch.randn(5, 3, 4), torch.randn(2, 3, 6)
+    for a, b in zip(shim(x, h0), ref(x, h0)):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_provider_skips_with_reasons():
+    compiled = P.Compiled(budget_s=10.0, max_steps=100)
+    assert compiled.unavailable(C.Case(64, 2, 4, 4)) is None
+    assert "unrolled steps" in compiled.unavailable(C.Case(64, 2, 4, 4, num_layers=2))
+    assert "packed" in compiled.unavailable(C.Case(8, 2, 4, 4, packed=True))
+    compiled.first_call_done(11.0)
+    assert "budget" in compiled.unavailable(C.Case(8, 2, 4, 4))
+    # The run's total compile budget: two compiles within the per-compile budget but over the total.
+    compiled = P.Compiled(budget_s=10.0, max_steps=100, total_budget_s=15.0)
+    compiled.first_call_done(9.0)
+    assert compiled.unavailable(C.Case(8, 2, 4, 4)) is None
+    compiled.first_call_done(9.0)
+    assert "compile budget" in compiled.unavailable(C.Case(8, 2, 4, 4))
+
+
+def test_flashrnn_and_triton_are_skipped_with_a_reason_on_the_cpu():
+    assert "CUDA" in FlashRNN().unavailable(TINY)
+    assert "interpreter" in P.Fused("triton").unavailable(TINY)
+
+
+def test_mixed_lengths_span_a_quarter_to_full():
+    lengths = workload.mixed_lengths(64, 8, torch.Generator().manual_seed(0))
+    assert lengths.max() == 64 and lengths.min() == 16 and len(set(lengths.tolist())) == 8
