@@ -66,8 +66,9 @@ def _check(T, B, H, D, packed, dtype, activation="tanh"):
 
 
 # (T, B, H): one CTA per direction; H over many CTAs, not a multiple of 4; batch split over CTAs
-# (B >= 2 x 16); the staged state in chunks (B x H too large for one CTA's shared memory); H at the limit
-# where the persistent plan still fits (fp32 W_hh slice of 16 x 2048).
+# (B >= 2 x 16); the staged state in chunks (B x H too large for one CTA's shared memory); H = 2048, where
+# the persistent plan fits only for fp32 with one direction (a 16 x 2048 fp32 W_hh slice per CTA; fp64 or
+# two directions need a slice of 256 KiB, more than any GPU's shared memory: stepwise only).
 SHAPES = [(5, 1, 7), (33, 3, 257), (17, 70, 64), (9, 256, 1024), (4, 5, 2048)]
 
 
@@ -76,6 +77,8 @@ SHAPES = [(5, 1, 7), (33, 3, 257), (17, 70, 64), (9, 256, 1024), (4, 5, 2048)]
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_kernels_match_reference(kernel, T, B, H, D, packed, dtype):
+    if kernel == "persistent" and H == 2048 and (dtype == torch.float64 or D == 2):
+        pytest.skip("the W_hh slice exceeds shared memory: the stepwise family's case")
     _check(T, B, H, D, packed, dtype)
 
 

@@ -394,7 +394,7 @@ PersistentPlan make_plan(Kernel* kernel, const RecurrenceProblem& p, size_t elt,
   int64_t R = round_up(std::max<int64_t>(ceil_div(p.H, slots), kMinRowsPerCta), kOI);
   R = std::min<int64_t>(R, round_up(p.H, kOI));
   const int64_t ctas_out = ceil_div(p.H, R);
-  int64_t ctas_batch = std::max<int64_t>(1, std::min(slots / ctas_out, ceil_div(p.B, kMinBatchPerCta)));
+  int64_t ctas_batch = std::max<int64_t>(1, std::min(slots / ctas_out, p.B / kMinBatchPerCta));
   const int64_t bs = round_up(ceil_div(p.B, ctas_batch), kRB);
   ctas_batch = ceil_div(p.B, bs);
   const int64_t fixed = R * p.H * static_cast<int64_t>(elt) + bs * R * static_cast<int64_t>(acc) * buffers_per_output;
@@ -414,8 +414,9 @@ PersistentPlan make_plan(Kernel* kernel, const RecurrenceProblem& p, size_t elt,
   plan.stage_rows = static_cast<int>(stage_rows);
   plan.blocks = static_cast<int>(p.D * ctas_out * ctas_batch);
   plan.smem = static_cast<size_t>(fixed + stage_rows * per_stage_row);
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(plan.smem)));
+  // The attribute belongs to the kernel, not to the call: set it to the device's maximum (not plan.smem), so
+  // concurrent calls with different plans cannot lower it between another call's plan and its launch.
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, dev.smem_optin));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, plan.smem));
   if (static_cast<int64_t>(per_sm) * dev.sms < plan.blocks) {
