@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import reference
+
 
 def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str):
     return torch.empty_like(xw), torch.empty_like(h0)
@@ -89,8 +91,6 @@ def register(forward_op: str, backward_op: str) -> None:
                                            for t in (dh_all, dh_last, w_hh, h0, h_all)):
             # create_graph=True (gradient penalties differentiate the gradient): the kernels have no
             # derivative of their own, so BPTT runs as the reference's differentiable torch ops instead.
-            from . import reference
-
             dz, dh0 = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes,
                                                     ctx.activation)
         else:

@@ -182,13 +182,8 @@ struct Tiling {
   bool vec;  // 16-byte loads of the staged state (see stage_rows)
 };
 
-template <typename scalar_t>
-struct ForwardParams {
-  const scalar_t* xw;              // [N, D, H]
-  const scalar_t* w_hh;            // [D, H, H]
-  const scalar_t* h0;              // [D, B, H]
-  scalar_t* h_all;                 // [N, D, H]
-  scalar_t* h_last;                // [D, B, H]
+// What both kernels read besides their tensors: sizes, the schedule, the barrier counters and the tiling.
+struct StepLoop {
   const int64_t* steps;            // [D, T, 4] (packed) or nullptr (padded)
   unsigned long long* counters;    // [D * kCounterStride], zero at launch
   int64_t T;
@@ -197,18 +192,22 @@ struct ForwardParams {
 };
 
 template <typename scalar_t>
-struct BackwardParams {
+struct ForwardParams : StepLoop {
+  const scalar_t* xw;              // [N, D, H]
+  const scalar_t* w_hh;            // [D, H, H]
+  const scalar_t* h0;              // [D, B, H]
+  scalar_t* h_all;                 // [N, D, H]
+  scalar_t* h_last;                // [D, B, H]
+};
+
+template <typename scalar_t>
+struct BackwardParams : StepLoop {
   const scalar_t* w_hh;            // [D, H, H]
   const scalar_t* h_all;           // [N, D, H]
   const scalar_t* dh_all;          // [N, D, H] or nullptr
   const scalar_t* dh_last;         // [D, B, H] or nullptr
   scalar_t* dz;                    // [N, D, H]
   scalar_t* dh0;                   // [D, B, H]
-  const int64_t* steps;            // [D, T, 4] (packed) or nullptr (padded)
-  unsigned long long* counters;    // [D * kCounterStride], zero at launch
-  int64_t T;
-  int B, D, H;
-  Tiling tiling;
 };
 
 template <typename scalar_t, Activation kAct>
@@ -453,8 +452,16 @@ at::Tensor upload_schedule(const RecurrenceProblem& p, const at::Tensor& like) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-Tiling tiling_of(const PersistentPlan& plan, bool vec) {
-  return Tiling{plan.rows_per_cta, plan.ctas_out, plan.ctas_batch, plan.batch_per_cta, plan.stage_rows, vec};
+// The StepLoop of a launch: `workspace` is upload_schedule's buffer (counters, then the packed schedule).
+StepLoop step_loop(const PersistentPlan& plan, const RecurrenceProblem& p, const at::Tensor& workspace, bool vec) {
+  int64_t* w = workspace.data_ptr<int64_t>();
+  return StepLoop{p.packed ? w + p.D * kCounterStride : nullptr,
+                  reinterpret_cast<unsigned long long*>(w),
+                  p.T,
+                  static_cast<int>(p.B),
+                  static_cast<int>(p.D),
+                  static_cast<int>(p.H),
+                  Tiling{plan.rows_per_cta, plan.ctas_out, plan.ctas_batch, plan.batch_per_cta, plan.stage_rows, vec}};
 }
 
 template <typename Kernel, typename Params>
@@ -484,18 +491,8 @@ void persistent_forward(const PersistentPlan& plan, const RecurrenceProblem& p, 
   const at::Tensor ws = upload_schedule(p, xw);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw.scalar_type(), "rnn_fused_persistent_forward", [&] {
     const bool vec = p.H % (16 / sizeof(scalar_t)) == 0 && aligned16(h_all.data_ptr()) && aligned16(h0.data_ptr());
-    ForwardParams<scalar_t> params{xw.data_ptr<scalar_t>(),
-                                   w_hh.data_ptr<scalar_t>(),
-                                   h0.data_ptr<scalar_t>(),
-                                   h_all.data_ptr<scalar_t>(),
-                                   h_last.data_ptr<scalar_t>(),
-                                   p.packed ? ws.data_ptr<int64_t>() + p.D * kCounterStride : nullptr,
-                                   reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>()),
-                                   p.T,
-                                   static_cast<int>(p.B),
-                                   static_cast<int>(p.D),
-                                   static_cast<int>(p.H),
-                                   tiling_of(plan, vec)};
+    ForwardParams<scalar_t> params{step_loop(plan, p, ws, vec), xw.data_ptr<scalar_t>(), w_hh.data_ptr<scalar_t>(),
+                                   h0.data_ptr<scalar_t>(), h_all.data_ptr<scalar_t>(), h_last.data_ptr<scalar_t>()};
     RNN_FUSED_ACTIVATION_SWITCH(p.activation, kAct,
                                 [&] { launch_cooperative(persistent_forward_kernel<scalar_t, kAct>, plan, params); });
   });
@@ -507,19 +504,13 @@ void persistent_backward(const PersistentPlan& plan, const RecurrenceProblem& p,
   const at::Tensor ws = upload_schedule(p, h_all);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_all.scalar_type(), "rnn_fused_persistent_backward", [&] {
     const bool vec = p.H % (16 / sizeof(scalar_t)) == 0 && aligned16(dz.data_ptr());
-    BackwardParams<scalar_t> params{w_hh.data_ptr<scalar_t>(),
+    BackwardParams<scalar_t> params{step_loop(plan, p, ws, vec),
+                                    w_hh.data_ptr<scalar_t>(),
                                     h_all.data_ptr<scalar_t>(),
                                     dh_all.defined() ? dh_all.data_ptr<scalar_t>() : nullptr,
                                     dh_last.defined() ? dh_last.data_ptr<scalar_t>() : nullptr,
                                     dz.data_ptr<scalar_t>(),
-                                    dh0.data_ptr<scalar_t>(),
-                                    p.packed ? ws.data_ptr<int64_t>() + p.D * kCounterStride : nullptr,
-                                    reinterpret_cast<unsigned long long*>(ws.data_ptr<int64_t>()),
-                                    p.T,
-                                    static_cast<int>(p.B),
-                                    static_cast<int>(p.D),
-                                    static_cast<int>(p.H),
-                                    tiling_of(plan, vec)};
+                                    dh0.data_ptr<scalar_t>()};
     RNN_FUSED_ACTIVATION_SWITCH(p.activation, kAct,
                                 [&] { launch_cooperative(persistent_backward_kernel<scalar_t, kAct>, plan, params); });
   });

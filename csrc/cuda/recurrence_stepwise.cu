@@ -85,6 +85,13 @@ at::Tensor direction_rows(const at::Tensor& x, const RecurrenceProblem& p, int64
   return x.view({p.N, p.D, p.H}).select(1, d);
 }
 
+// Every direction's schedule, built once per call on the host (the per-step loop below indexes it).
+std::vector<std::vector<Step>> schedules_of(const RecurrenceProblem& p) {
+  std::vector<std::vector<Step>> schedules;
+  for (int64_t d = 0; d < p.D; ++d) schedules.push_back(p.schedule(d));
+  return schedules;
+}
+
 }  // namespace
 
 void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at::Tensor& w_hh,
@@ -93,8 +100,7 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
   at::Tensor z = at::empty({p.B, p.H}, xw.options().dtype(acc_type));
   const int64_t rs = p.D * p.H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  std::vector<std::vector<Step>> schedules;
-  for (int64_t d = 0; d < p.D; ++d) schedules.push_back(p.schedule(d));
+  const std::vector<std::vector<Step>> schedules = schedules_of(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xw.scalar_type(), "rnn_fused_stepwise_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     RNN_FUSED_ACTIVATION_SWITCH(p.activation, kAct, [&] {
@@ -128,8 +134,7 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
   at::Tensor g = at::empty({p.B, p.H}, h_all.options().dtype(acc_type));
   const int64_t rs = p.D * p.H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  std::vector<std::vector<Step>> schedules;
-  for (int64_t d = 0; d < p.D; ++d) schedules.push_back(p.schedule(d));
+  const std::vector<std::vector<Step>> schedules = schedules_of(p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h_all.scalar_type(), "rnn_fused_stepwise_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     RNN_FUSED_ACTIVATION_SWITCH(p.activation, kAct, [&] {
