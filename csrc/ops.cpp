@@ -10,11 +10,19 @@
 //     h_all  like xw                                     every hidden state, h_t = act(xw_t + W_hh h_{t-1})
 //     h_last [D, B, H]                                   each sequence's state at its own last step
 //
-//   recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation) -> (dz, dh0)
+//   recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
+//                       clip_mode="none", clip=0, record_norms=False) -> (dz, dh0, grad_sq)
 //     dh_all like h_all or None, dh_last [D, B, H] or None: gradients of the loss w.r.t. the outputs
 //     dz     like h_all   gradient w.r.t. the pre-activation z_t (= w.r.t. xw_t); BPTT:
-//                         dz_t = (dh_t + W_hh^T dz_{t+1}) * act'(z_t)
-//     dh0    [D, B, H]    gradient w.r.t. h0
+//                         g_t  = dh_t + W_hh^T dz_{t+1}   (+ dh_last at a sequence's last step) = dL/dh_t
+//                         dz_t = clip(g_t) * act'(z_t)
+//     dh0    [D, B, H]    gradient w.r.t. h0 (= W_hh^T dz of each sequence's first step; never clipped)
+//     grad_sq h_all's shape without H, float32 (float64 for float64 input): ||g_t[row]||^2 of every row
+//                         and direction, taken before clipping, if record_norms; else empty
+//   clip(g) is the identity for clip_mode "none"; "value": each element clamped to [-clip, clip];
+//   "norm": each row (one sequence, one direction) rescaled to norm <= clip, g * min(1, clip / ||g||).
+//   NaN is never hidden: a NaN element passes "value"; a row whose norm is NaN becomes all NaN under "norm". The clipped g_t is what flows on (into dz_t, W_hh^T dz_t, dW_hh), so a
+//   clip bounds every step's gradient, not only the total afterwards.
 //   Weight gradients are big GEMMs over dz done by the caller (rnn_fused/ops.py).
 #include "recurrence_args.h"
 
@@ -22,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace rnn_fused {
 
@@ -115,6 +124,30 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
 
 }  // namespace
 
+BackwardOptions check_backward_options(c10::string_view clip_mode, double clip, bool record_norms) {
+  BackwardOptions o;
+  o.record_norms = record_norms;
+  if (clip_mode == "none") return o;
+  if (clip_mode == "value") {
+    o.clip_mode = ClipMode::Value;
+  } else if (clip_mode == "norm") {
+    o.clip_mode = ClipMode::Norm;
+  } else {
+    TORCH_CHECK(false, "rnn_fused: clip_mode must be 'none', 'value' or 'norm', got '", std::string(clip_mode), "'");
+  }
+  TORCH_CHECK(std::isfinite(clip) && clip > 0, "rnn_fused: clip must be a positive finite number when clip_mode is '",
+              std::string(clip_mode), "', got ", clip);
+  o.clip = clip;
+  return o;
+}
+
+at::Tensor grad_sq_output(const at::Tensor& h_all, bool record_norms) {
+  const auto dtype = h_all.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = h_all.options().dtype(dtype);
+  if (!record_norms) return at::empty({0}, options);
+  return at::empty(h_all.sizes().slice(0, h_all.dim() - 1), options);
+}
+
 RecurrenceProblem check_forward_args(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
                                      const c10::optional<at::Tensor>& batch_sizes,
                                      c10::string_view activation) {
@@ -143,7 +176,8 @@ TORCH_LIBRARY(rnn_fused, m) {
   m.def("recurrence_forward(Tensor xw, Tensor w_hh, Tensor h0, Tensor? batch_sizes, str activation) "
         "-> (Tensor h_all, Tensor h_last)");
   m.def("recurrence_backward(Tensor w_hh, Tensor h_all, Tensor h0, Tensor? dh_all, Tensor? dh_last, "
-        "Tensor? batch_sizes, str activation) -> (Tensor dz, Tensor dh0)");
+        "Tensor? batch_sizes, str activation, str clip_mode=\"none\", float clip=0., bool record_norms=False) "
+        "-> (Tensor dz, Tensor dh0, Tensor grad_sq)");
 }
 
 }  // namespace rnn_fused

@@ -19,6 +19,23 @@ enum class Activation { Tanh, Relu };
 
 Activation parse_activation(c10::string_view activation);
 
+// What the backward may do to g_t = dL/dh_t (the output's gradient plus the one carried back from step
+// t+1) before it becomes dz_t = g_t * act'(z_t); the semantics are stated once, in csrc/ops.cpp.
+enum class ClipMode { None, Value, Norm };
+
+struct BackwardOptions {
+  ClipMode clip_mode = ClipMode::None;
+  double clip = 0;            // > 0 when clip_mode != None
+  bool record_norms = false;  // write ||g_t[row]||^2 (before clipping) to grad_sq
+};
+
+// Checks the backward op's clip_mode / clip / record_norms arguments.
+BackwardOptions check_backward_options(c10::string_view clip_mode, double clip, bool record_norms);
+
+// The backward's third output: ||g_t[row]||^2 per row and direction, h_all's shape without H ([T, B, D]
+// padded, [N, D] packed) in the accumulation dtype (float32 for half types); empty when not recording.
+at::Tensor grad_sq_output(const at::Tensor& h_all, bool record_norms);
+
 // One step of one direction, in the order the direction visits time.
 //   rows      : sequences alive at this step (batch rows [0, rows))
 //   row_begin : index of the step's first row in the flat [N, D, H] layout

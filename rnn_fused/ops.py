@@ -20,8 +20,11 @@ def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | Non
 
 
 def fake_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
-                  batch_sizes: Tensor | None, activation: str):
-    return torch.empty_like(h_all), torch.empty_like(h0)
+                  batch_sizes: Tensor | None, activation: str, clip_mode: str = "none", clip: float = 0.0,
+                  record_norms: bool = False):
+    sq_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
+    grad_sq = h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=sq_dtype)
+    return torch.empty_like(h_all), torch.empty_like(h0), grad_sq
 
 
 def _previous_rows(batch_sizes: Tensor, direction: int):
@@ -91,10 +94,10 @@ def register(forward_op: str, backward_op: str) -> None:
                                            for t in (dh_all, dh_last, w_hh, h0, h_all)):
             # create_graph=True (gradient penalties differentiate the gradient): the kernels have no
             # derivative of their own, so BPTT runs as the reference's differentiable torch ops instead.
-            dz, dh0 = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes,
-                                                    ctx.activation)
+            dz, dh0, _ = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes,
+                                                       ctx.activation)
         else:
-            dz, dh0 = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
+            dz, dh0, _ = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
         dw_hh = weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
         return dz, dw_hh, dh0, None, None
 

@@ -31,6 +31,8 @@ of them still running at step t), ``w_hh`` ``[D, H, H]``, ``h0``/``h_last`` ``[D
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -102,29 +104,67 @@ def recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor
     return h_all, torch.stack(finals)
 
 
+def clip_gradient(g: Tensor, clip_mode: str, clip: float) -> Tensor:
+    """The in-BPTT clip rule applied to ``g = dL/dh_t`` ``[rows, H]`` (one row per sequence) before act'.
+
+    ``"value"`` clamps each element to ``[-clip, clip]``; ``"norm"`` rescales each row whose norm exceeds
+    ``clip`` to norm ``clip`` (``g * min(1, clip / ||g||)``); ``"none"`` leaves ``g`` as it is. NaN is
+    never hidden: a NaN element passes "value", and a row whose norm is NaN becomes all NaN under "norm".
+    """
+    if clip_mode == "none":
+        return g
+    if clip_mode == "value":
+        return g.clamp(-clip, clip)
+    norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
+    return g * (clip / norm.clamp(min=clip))
+
+
+def check_clip(clip_mode: str, clip: float) -> None:
+    if clip_mode not in ("none", "value", "norm"):
+        raise ValueError(f"clip_mode must be 'none', 'value' or 'norm', got {clip_mode!r}")
+    if clip_mode != "none" and not (math.isfinite(clip) and clip > 0):
+        raise ValueError(f"clip must be a positive finite number when clip_mode is {clip_mode!r}, got {clip}")
+
+
 def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
-                        batch_sizes: Tensor | None = None, activation: str = "tanh") -> tuple[Tensor, Tensor]:
-    """The op boundary's backward: BPTT, written out. Returns ``(dz, dh0)``.
+                        batch_sizes: Tensor | None = None, activation: str = "tanh", clip_mode: str = "none",
+                        clip: float = 0.0, record_norms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """The op boundary's backward: BPTT, written out. Returns ``(dz, dh0, grad_sq)``.
 
     ``carry`` is the gradient w.r.t. the state rows. It starts as ``dh_last`` (the gradient of each
     sequence's final state) and walks back through the steps in the opposite order of the forward: a step
-    adds the gradient flowing into its outputs, multiplies by act', and sends ``W_hh^T dz`` to the previous
-    state of the rows it updated. Rows a step did not touch pass their carry through unchanged.
+    adds the gradient flowing into its outputs (``g = dL/dh_t``), multiplies by act', and sends
+    ``W_hh^T dz`` to the previous state of the rows it updated. Rows a step did not touch pass their carry
+    through unchanged.
+
+    Options (csrc/ops.cpp states them for every backend): ``clip_mode``/``clip`` apply ``clip_gradient``
+    to ``g`` before act'; ``record_norms`` returns ``grad_sq``, ``||g||^2`` of every row before clipping, in
+    h_all's shape without H (an empty tensor otherwise).
     """
+    check_clip(clip_mode, clip)
     packed = batch_sizes is not None
     D, B = w_hh.shape[0], h0.shape[1]
     T = len(batch_sizes) if packed else h_all.shape[0]
     h_rows = _flat(h_all, packed)
     dh_rows = _flat(dh_all, packed) if dh_all is not None else torch.zeros_like(h_rows)
     dz_rows = torch.empty_like(h_rows)
+    sq_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
+    grad_sq = h_rows.new_empty(h_rows.shape[:-1], dtype=sq_dtype) if record_norms else None
     dh0 = torch.empty_like(h0)
     steps = list(_steps(batch_sizes, T, B))
     for d in range(D):
         carry = dh_last[d].clone() if dh_last is not None else torch.zeros_like(h0[d])
         for t, rows, begin in (reversed(steps) if d == 0 else steps):
             h_t = h_rows[begin:begin + rows, d]
-            dz_t = (dh_rows[begin:begin + rows, d] + carry[:rows]) * activation_grad(h_t, activation)
+            g = dh_rows[begin:begin + rows, d] + carry[:rows]  # dL/dh_t
+            if record_norms:
+                grad_sq[begin:begin + rows, d] = g.to(sq_dtype).square().sum(-1)
+            dz_t = clip_gradient(g, clip_mode, clip) * activation_grad(h_t, activation)
             dz_rows[begin:begin + rows, d] = dz_t
             carry[:rows] = dz_t @ w_hh[d]  # row form of W_hh^T dz_t
         dh0[d] = carry
-    return dz_rows.reshape(h_all.shape), dh0
+    if grad_sq is None:
+        grad_sq = h_all.new_empty(0, dtype=sq_dtype)
+    else:
+        grad_sq = grad_sq.reshape(h_all.shape[:-1])
+    return dz_rows.reshape(h_all.shape), dh0, grad_sq

@@ -50,12 +50,12 @@ def _check(T, B, H, D, packed, dtype, activation="tanh"):
     assert EXTENSION_ERROR is None, EXTENSION_ERROR
     xw, w_hh, h0, bs, dh_all, dh_last = _problem(T, B, H, D, packed)
     ref = R.recurrence_forward(xw, w_hh, h0, bs, activation)
-    ref += R.recurrence_backward(w_hh, ref[0], h0, dh_all, dh_last, bs, activation)
+    ref += R.recurrence_backward(w_hh, ref[0], h0, dh_all, dh_last, bs, activation)[:2]
 
     def run(op_forward, op_backward):
         args = [t.to(dtype) for t in (xw, w_hh, h0)]
         h_all, h_last = op_forward(*args, bs, activation)
-        dz, dh0 = op_backward(args[1], h_all, args[2], dh_all.to(dtype), dh_last.to(dtype), bs, activation)
+        dz, dh0, _ = op_backward(args[1], h_all, args[2], dh_all.to(dtype), dh_last.to(dtype), bs, activation)
         return h_all, h_last, dz, dh0
 
     ours = run(torch.ops.rnn_fused.recurrence_forward, torch.ops.rnn_fused.recurrence_backward)

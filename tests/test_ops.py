@@ -78,18 +78,18 @@ def test_ops_match_reference_packed_and_bidirectional(device, backend, dtype, pa
     xw, w_hh, h0, bs = _random_problem(D, packed, torch.float64, device)
     ref_all, ref_last = R.recurrence_forward(xw, w_hh, h0, bs, activation)
     dh_all, dh_last = torch.randn_like(ref_all), torch.randn_like(ref_last)
-    ref_dz, ref_dh0 = R.recurrence_backward(w_hh, ref_all, h0, dh_all, dh_last, bs, activation)
+    ref_dz, ref_dh0, _ = R.recurrence_backward(w_hh, ref_all, h0, dh_all, dh_last, bs, activation)
 
     def ours_and_yardstick(impl):
         args = [t.to(dtype) for t in (xw, w_hh, h0)]
         if impl == "ours":
             h_all, h_last = torch.ops.rnn_fused.recurrence_forward(*args, bs, activation)
-            dz, dh0 = torch.ops.rnn_fused.recurrence_backward(args[1], h_all, args[2], dh_all.to(dtype),
-                                                              dh_last.to(dtype), bs, activation)
+            dz, dh0, _ = torch.ops.rnn_fused.recurrence_backward(args[1], h_all, args[2], dh_all.to(dtype),
+                                                                 dh_last.to(dtype), bs, activation)
         else:  # the reference math run in `dtype`: torch's own rounding in that precision
             h_all, h_last = R.recurrence_forward(*args, bs, activation)
-            dz, dh0 = R.recurrence_backward(args[1], h_all, args[2], dh_all.to(dtype), dh_last.to(dtype), bs,
-                                            activation)
+            dz, dh0, _ = R.recurrence_backward(args[1], h_all, args[2], dh_all.to(dtype), dh_last.to(dtype), bs,
+                                               activation)
         return h_all, h_last, dz, dh0
 
     ours = ours_and_yardstick("ours")
@@ -133,8 +133,8 @@ def test_empty_batch_and_zero_steps(device, backend):
                                                            None, "tanh")
     assert h_all.shape == (0, 3, 1, 4) and torch.equal(h_last, h0)
     dh_last = torch.randn_like(h0)
-    dz, dh0 = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, dh_last, None, "tanh")
-    assert dz.shape == (0, 3, 1, 4) and torch.equal(dh0, dh_last)
+    dz, dh0, grad_sq = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, dh_last, None, "tanh")
+    assert dz.shape == (0, 3, 1, 4) and torch.equal(dh0, dh_last) and grad_sq.shape == (0,)
 
 
 def _bad(device, **override):

@@ -29,7 +29,7 @@ def test_tiny_case_by_hand():
     # BPTT by hand for L = h2: dz2 = 1 - h2^2, dz1 = 0.3 * dz2 * (1 - h1^2), dh0 = 0.3 * dz1
     dz2 = 1 - h2 ** 2
     dz1 = 0.3 * dz2 * (1 - h1 ** 2)
-    dz, dh0 = R.recurrence_backward(w_hh.unsqueeze(0), h_all, h0.unsqueeze(0), None, torch.ones_like(h_last2))
+    dz, dh0, _ = R.recurrence_backward(w_hh.unsqueeze(0), h_all, h0.unsqueeze(0), None, torch.ones_like(h_last2))
     assert dz.flatten().tolist() == pytest.approx([dz1, dz2], abs=1e-15)
     assert dh0.item() == pytest.approx(0.3 * dz1, abs=1e-15)
 
@@ -60,7 +60,8 @@ def test_explicit_bptt_matches_autograd(packed, D, activation):
     h_all, h_last = R.recurrence_forward(xw, w_hh, h0, batch_sizes, activation)
     dh_all, dh_last = torch.randn_like(h_all), torch.randn_like(h_last)
     torch.autograd.backward([h_all, h_last], [dh_all, dh_last])
-    dz, dh0 = R.recurrence_backward(w_hh, h_all.detach(), h0.detach(), dh_all, dh_last, batch_sizes, activation)
+    dz, dh0, _ = R.recurrence_backward(w_hh, h_all.detach(), h0.detach(), dh_all, dh_last, batch_sizes,
+                                       activation)
     assert_matches(dz, xw.grad, name="dz")
     assert_matches(dh0, h0.grad, name="dh0")
 

@@ -147,47 +147,71 @@ RNN_FUSED_INLINE void step_rows_hand_any(const double* w_t, int64_t H, const dou
 }
 
 // Backward of one step for rows [0, rows):
-//   dz_r = (dh_r + g_r) * act'(h_r), then carry_r = dz_r W   (= W^T dz_r, the gradient sent to h_{prev}).
-// g_r is the carried gradient (rows < carried_in) or dh_last (the rows whose sequence ends here).
-// If `carry_out` is false the product is left to a GEMM by the caller.
+//   g_r = dh_r + carried_r (= dL/dh_r),  dz_r = clip(g_r) * act'(h_r),  then carry_r = dz_r W (= W^T dz_r,
+//   the gradient sent to h_{prev}).
+// carried_r is the carried gradient (rows < carried_in) or dh_last (the rows whose sequence ends here).
+// If `carry_out` is false the product is left to a GEMM by the caller. With options (csrc/ops.cpp), g_r
+// goes through dz_r first, so the row's norm is known before the clip: two passes over a row that is in L1.
+// grad_sq: ||g_r||^2 at grad_sq[r * grad_sq_stride], or null.
 template <typename T>
 RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* dh, int64_t row_stride,
                                     const T* dh_last, int64_t carried_in, T* carry, T* dz, int64_t rows,
-                                    Activation act, bool carry_out) {
+                                    Activation act, bool carry_out, const BackwardOptions& opts, T* grad_sq,
+                                    int64_t grad_sq_stride) {
+  const bool plain = opts.clip_mode == ClipMode::None && grad_sq == nullptr;
+  const T clip = static_cast<T>(opts.clip);
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict hr = h + r * row_stride;
     const T* __restrict dhr = dh ? dh + r * row_stride : nullptr;
     const T* __restrict gr = r < carried_in ? carry + r * H : (dh_last ? dh_last + r * H : nullptr);
     T* __restrict dzr = dz + r * row_stride;
-    for (int64_t i = 0; i < H; ++i) {
-      T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
-      dzr[i] = g * activation_grad(hr[i], act);
+    if (plain) {
+      for (int64_t i = 0; i < H; ++i) {
+        T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
+        dzr[i] = g * activation_grad(hr[i], act);
+      }
+    } else {
+      T sq = 0;
+      for (int64_t i = 0; i < H; ++i) {
+        const T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
+        dzr[i] = g;
+        sq += g * g;
+      }
+      if (grad_sq) grad_sq[r * grad_sq_stride] = sq;
+      if (opts.clip_mode == ClipMode::Value) {
+        for (int64_t i = 0; i < H; ++i) {  // comparisons, false for NaN: NaN passes
+          T g = dzr[i];
+          g = g > clip ? clip : g;
+          g = g < -clip ? -clip : g;
+          dzr[i] = g * activation_grad(hr[i], act);
+        }
+      } else {
+        const T norm = std::sqrt(sq);
+        // clip / max(norm, clip), NaN-propagating: a row holding NaN becomes all NaN, as in the reference
+        const T scale = (opts.clip_mode == ClipMode::Norm && !(norm <= clip)) ? clip / norm : T(1);
+        for (int64_t i = 0; i < H; ++i) dzr[i] = scale * dzr[i] * activation_grad(hr[i], act);
+      }
     }
     if (carry_out) row_times_matrix<T, false>(w, H, dzr, nullptr, carry + r * H, act);
   }
 }
 
-RNN_FUSED_MULTIVERSION void backward_rows_f32(const float* w, int64_t H, const float* h, const float* dh,
-                                              int64_t rs, const float* dh_last, int64_t carried_in, float* carry,
-                                              float* dz, int64_t rows, Activation act, bool carry_out) {
-  backward_rows<float>(w, H, h, dh, rs, dh_last, carried_in, carry, dz, rows, act, carry_out);
+#define RNN_FUSED_BACKWARD_ROWS_ARGS(T)                                                                  \
+  const T *w, int64_t H, const T *h, const T *dh, int64_t rs, const T *dh_last, int64_t ci, T *carry, T *dz, \
+      int64_t rows, Activation act, bool co, const BackwardOptions &opts, T *grad_sq, int64_t gs
+RNN_FUSED_MULTIVERSION void backward_rows_f32(RNN_FUSED_BACKWARD_ROWS_ARGS(float)) {
+  backward_rows<float>(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
 }
-RNN_FUSED_MULTIVERSION void backward_rows_f64(const double* w, int64_t H, const double* h, const double* dh,
-                                              int64_t rs, const double* dh_last, int64_t carried_in,
-                                              double* carry, double* dz, int64_t rows, Activation act,
-                                              bool carry_out) {
-  backward_rows<double>(w, H, h, dh, rs, dh_last, carried_in, carry, dz, rows, act, carry_out);
+RNN_FUSED_MULTIVERSION void backward_rows_f64(RNN_FUSED_BACKWARD_ROWS_ARGS(double)) {
+  backward_rows<double>(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
 }
-RNN_FUSED_INLINE void backward_rows_any(const float* w, int64_t H, const float* h, const float* dh, int64_t rs,
-                                        const float* dh_last, int64_t ci, float* carry, float* dz, int64_t rows,
-                                        Activation act, bool co) {
-  backward_rows_f32(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co);
+RNN_FUSED_INLINE void backward_rows_any(RNN_FUSED_BACKWARD_ROWS_ARGS(float)) {
+  backward_rows_f32(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
 }
-RNN_FUSED_INLINE void backward_rows_any(const double* w, int64_t H, const double* h, const double* dh,
-                                        int64_t rs, const double* dh_last, int64_t ci, double* carry, double* dz,
-                                        int64_t rows, Activation act, bool co) {
-  backward_rows_f64(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co);
+RNN_FUSED_INLINE void backward_rows_any(RNN_FUSED_BACKWARD_ROWS_ARGS(double)) {
+  backward_rows_f64(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
 }
+#undef RNN_FUSED_BACKWARD_ROWS_ARGS
 
 template <typename T>
 RNN_FUSED_MULTIVERSION void activate_rows(T* x, int64_t row_stride, int64_t rows, int64_t H, Activation act) {
@@ -270,9 +294,11 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
 
 // BPTT over one direction, visiting the forward schedule in reverse. `carry` [B, H] holds W^T dz of the
 // later step for the rows that continue; rows that start at a step hand theirs to dh0.
+// grad_sq: the [N, D] squared norms (null when not recording).
 template <typename T>
 void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionView<T>& v, const T* h_all,
-                        const T* dh_all, const T* dh_last, T* carry, T* dz, T* dh0) {
+                        const T* dh_all, const T* dh_last, T* carry, T* dz, T* dh0, const BackwardOptions& opts,
+                        T* grad_sq) {
   const int64_t H = p.H, rs = v.row_stride;
   const std::vector<Step> steps = p.schedule(d);
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
@@ -282,7 +308,8 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
     const bool blas = use_blas<T>(s.rows, H);
     // Rows [0, continuing) receive the carried gradient; rows [continuing, rows) end here and read dh_last.
     backward_rows_any(v.w, H, h_all + off, dh_t, rs, dh_last, s.continuing, carry, dz + off, s.rows,
-                      p.activation, /*carry_out=*/!blas);
+                      p.activation, /*carry_out=*/!blas, opts, grad_sq ? grad_sq + s.row_begin * p.D + d : nullptr,
+                      p.D);
     if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, T(0));
     for (int64_t r = s.carried; r < s.rows; ++r) std::memcpy(dh0 + r * H, carry + r * H, H * sizeof(T));
   }
@@ -325,12 +352,14 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_i
   return {h_all, h_last};
 }
 
-std::tuple<at::Tensor, at::Tensor> recurrence_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
     const at::Tensor& w_hh_in, const at::Tensor& h_all_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& dh_all_in, const c10::optional<at::Tensor>& dh_last_in,
-    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation) {
+    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation, c10::string_view clip_mode,
+    double clip, bool record_norms) {
   const RecurrenceProblem p =
       check_backward_args(w_hh_in, h_all_in, h0_in, dh_all_in, dh_last_in, batch_sizes, activation);
+  const BackwardOptions opts = check_backward_options(clip_mode, clip, record_norms);
   check_cpu_dtype(w_hh_in);
   const at::Tensor w_hh = w_hh_in.contiguous(), h_all = h_all_in.contiguous(), h0 = h0_in.contiguous();
   const at::Tensor dh_all = dh_all_in.has_value() ? dh_all_in->contiguous() : at::Tensor();
@@ -338,6 +367,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_backward_cpu(
   at::Tensor dz = at::empty_like(h_all);
   at::Tensor dh0 = at::zeros_like(h0);
   at::Tensor carry = at::zeros_like(h0);  // [D, B, H]
+  at::Tensor grad_sq = grad_sq_output(h_all, record_norms);
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_backward_cpu", [&] {
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
@@ -347,11 +377,12 @@ std::tuple<at::Tensor, at::Tensor> recurrence_backward_cpu(
                                      dh_all.defined() ? dh_all.data_ptr<scalar_t>() : nullptr,
                                      dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr,
                                      carry.data_ptr<scalar_t>() + state, dz.data_ptr<scalar_t>(),
-                                     dh0.data_ptr<scalar_t>() + state);
+                                     dh0.data_ptr<scalar_t>() + state, opts,
+                                     record_norms ? grad_sq.data_ptr<scalar_t>() : nullptr);
       }
     });
   });
-  return {dz, dh0};
+  return {dz, dh0, grad_sq};
 }
 
 }  // namespace

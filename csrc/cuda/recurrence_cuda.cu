@@ -28,10 +28,16 @@ KernelChoice kernel_choice() {
   TORCH_CHECK(false, "rnn_fused: RNN_FUSED_CUDA_KERNEL must be auto, persistent or stepwise, got '", v, "'");
 }
 
-PersistentPlan choose(const RecurrenceProblem& p, at::ScalarType dtype, bool backward) {
+// backward_options: the backward was asked to clip or record norms, which only the stepwise kernels do.
+PersistentPlan choose(const RecurrenceProblem& p, at::ScalarType dtype, bool backward, bool backward_options = false) {
   const KernelChoice choice = kernel_choice();
   if (choice == KernelChoice::Stepwise) return PersistentPlan{};
-  PersistentPlan plan = plan_persistent(p, dtype, backward);
+  PersistentPlan plan;
+  if (backward_options) {
+    plan.why_not = "the persistent backward does not implement clipping or recorded gradient norms";
+  } else {
+    plan = plan_persistent(p, dtype, backward);
+  }
   TORCH_CHECK(plan.ok || choice != KernelChoice::Persistent,
               "rnn_fused: RNN_FUSED_CUDA_KERNEL=persistent, but the persistent kernel cannot run this problem (T=",
               p.T, ", B=", p.B, ", D=", p.D, ", H=", p.H, ", ", dtype, "): ", plan.why_not);
@@ -62,30 +68,36 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cuda(const at::Tensor& xw_
   return {h_all, h_last};
 }
 
-std::tuple<at::Tensor, at::Tensor> recurrence_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cuda(
     const at::Tensor& w_hh_in, const at::Tensor& h_all_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& dh_all_in, const c10::optional<at::Tensor>& dh_last_in,
-    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation) {
+    const c10::optional<at::Tensor>& batch_sizes, c10::string_view activation, c10::string_view clip_mode,
+    double clip, bool record_norms) {
   const RecurrenceProblem p =
       check_backward_args(w_hh_in, h_all_in, h0_in, dh_all_in, dh_last_in, batch_sizes, activation);
+  const BackwardOptions opts = check_backward_options(clip_mode, clip, record_norms);
+  const bool with_options = opts.clip_mode != ClipMode::None || opts.record_norms;
   check_cuda(w_hh_in, "w_hh");
   const c10::cuda::CUDAGuard guard(w_hh_in.device());
   const at::Tensor w_hh = w_hh_in.contiguous(), h_all = h_all_in.contiguous();
   const at::Tensor dh_all = dh_all_in.has_value() ? dh_all_in->contiguous() : at::Tensor();
   const at::Tensor dh_last = dh_last_in.has_value() ? dh_last_in->contiguous() : at::Tensor();
   at::Tensor dz = at::empty_like(h_all, at::MemoryFormat::Contiguous);
+  at::Tensor grad_sq = grad_sq_output(h_all, record_norms);
   if (p.T == 0 || p.B == 0 || p.H == 0) {
-    // No step: the gradient of h_last (= h0) passes straight to h0.
-    return {dz, dh_last.defined() ? dh_last.clone() : at::zeros_like(h0_in, at::MemoryFormat::Contiguous)};
+    // No step: the gradient of h_last (= h0) passes straight to h0; a row of H = 0 has norm 0.
+    if (record_norms) grad_sq.zero_();
+    return {dz, dh_last.defined() ? dh_last.clone() : at::zeros_like(h0_in, at::MemoryFormat::Contiguous),
+            grad_sq};
   }
   at::Tensor dh0 = at::empty_like(h0_in, at::MemoryFormat::Contiguous);  // every row starts at some step
-  const PersistentPlan plan = choose(p, h_all.scalar_type(), /*backward=*/true);
+  const PersistentPlan plan = choose(p, h_all.scalar_type(), /*backward=*/true, with_options);
   if (plan.ok) {
     persistent_backward(plan, p, w_hh, h_all, dh_all, dh_last, dz, dh0);
   } else {
-    stepwise_backward(p, w_hh, h_all, dh_all, dh_last, dz, dh0);
+    stepwise_backward(p, w_hh, h_all, dh_all, dh_last, dz, dh0, opts, grad_sq);
   }
-  return {dz, dh0};
+  return {dz, dh0, grad_sq};
 }
 
 }  // namespace

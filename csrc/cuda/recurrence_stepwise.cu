@@ -4,7 +4,9 @@
 //   forward : Z = h_{prev} W^T (cuBLAS through at::mm_out, fp32 output for fp16/bf16 inputs), then one fused
 //             pointwise kernel h_t = act(xw_t + Z) that also writes h_last for the rows that end;
 //   backward: G = dz_{next} W (cuBLAS), then one fused pointwise kernel that writes dz_t = (dh_all_t + G or
-//             dh_last) * act'(h_t) and dh0 for the rows that started at the next visited step.
+//             dh_last) * act'(h_t) and dh0 for the rows that started at the next visited step; with backward
+//             options (clipping, recorded norms) a row-per-block kernel instead, which also reduces ||g||^2.
+//             The persistent backward does not implement the options, so every optioned backward runs here.
 // Memory: Z / G are one [B, H] fp32 (fp64) scratch reused by every step; h_all / dz are read in place
 // through strided views (row stride D*H), so nothing is copied per step.
 // Floor: the GEMM's (W_hh read from L2/HBM once per step, 2*rows*H*H flops) plus ~3 launches per step, the
@@ -70,6 +72,54 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(
   }
 }
 
+// The same step with backward options (csrc/ops.cpp): clip-by-norm needs a row's whole ||g||^2 before any
+// of its dz, so here one block owns one row (grid = max(rows, g_rows) blocks): pass 1 sums g^2 over the
+// row (block reduction through shared memory), pass 2 re-reads g (from L1/L2), clips and writes dz.
+// grad_sq (at the step's first row and direction d, row stride sq_stride = D) gets ||g||^2, or is nullptr.
+template <typename scalar_t, Activation kAct>
+__global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
+    const scalar_t* __restrict__ h_t, const scalar_t* __restrict__ dh_t, const scalar_t* __restrict__ dh_last,
+    const at::opmath_type<scalar_t>* __restrict__ g, scalar_t* __restrict__ dz_t, scalar_t* __restrict__ dh0,
+    int64_t rows, int64_t continuing, int64_t g_rows, int64_t H, int64_t rs, ClipMode clip_mode,
+    at::opmath_type<scalar_t> clip, at::opmath_type<scalar_t>* __restrict__ grad_sq, int64_t sq_stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kWarps = kThreads / 32;
+  __shared__ acc_t partial[kWarps];
+  const int64_t r = blockIdx.x;
+  if (r >= continuing && r < g_rows) {
+    for (int64_t j = threadIdx.x; j < H; j += kThreads) dh0[r * H + j] = static_cast<scalar_t>(g[r * H + j]);
+  }
+  if (r >= rows) return;  // uniform over the block
+  const auto grad_at = [&](int64_t j) {  // g_t[r, j] = dL/dh_t
+    const acc_t carry = r < continuing ? g[r * H + j] : (dh_last ? static_cast<acc_t>(dh_last[r * H + j]) : acc_t(0));
+    return (dh_t ? static_cast<acc_t>(dh_t[r * rs + j]) : acc_t(0)) + carry;
+  };
+  acc_t sq = 0;
+  for (int64_t j = threadIdx.x; j < H; j += kThreads) {
+    const acc_t v = grad_at(j);
+    sq += v * v;
+  }
+  for (int offset = 16; offset > 0; offset /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sq;
+  __syncthreads();
+  acc_t total = 0;
+  for (int w = 0; w < kWarps; ++w) total += partial[w];  // same order in every thread: one value per row
+  if (grad_sq != nullptr && threadIdx.x == 0) grad_sq[r * sq_stride] = total;
+  acc_t scale = 1;
+  if (clip_mode == ClipMode::Norm) {
+    const acc_t norm = sqrt(total);
+    if (!(norm <= clip)) scale = clip / norm;  // a NaN norm makes the row NaN, as in the reference
+  }
+  for (int64_t j = threadIdx.x; j < H; j += kThreads) {
+    acc_t v = grad_at(j);
+    if (clip_mode == ClipMode::Value) {
+      v = v > clip ? clip : v;
+      v = v < -clip ? -clip : v;
+    }
+    dz_t[r * rs + j] = static_cast<scalar_t>(scale * v * activation_grad<kAct>(static_cast<acc_t>(h_t[r * rs + j])));
+  }
+}
+
 // out[rows, H] (opmath dtype) = a[rows, H] @ b[H, H]; a and b may be strided views (cuBLAS takes the
 // leading dimensions), fp16/bf16 inputs accumulate and store in fp32.
 void mm_opmath(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
@@ -129,7 +179,9 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
 }
 
 void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const at::Tensor& h_all,
-                       const at::Tensor& dh_all, const at::Tensor& dh_last, at::Tensor& dz, at::Tensor& dh0) {
+                       const at::Tensor& dh_all, const at::Tensor& dh_last, at::Tensor& dz, at::Tensor& dh0,
+                       const BackwardOptions& opts, at::Tensor& grad_sq) {
+  const bool plain = opts.clip_mode == ClipMode::None && !opts.record_norms;
   const at::ScalarType acc_type = at::toOpMathType(h_all.scalar_type());
   at::Tensor g = at::empty({p.B, p.H}, h_all.options().dtype(acc_type));
   const int64_t rs = p.D * p.H;
@@ -153,11 +205,20 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
           if (n == 0) continue;
           const int64_t off = cur.row_begin * rs + d * p.H;
           const int64_t state = d * p.B * p.H;
-          step_backward_kernel<scalar_t, kAct><<<blocks_for(n), kThreads, 0, stream>>>(
-              h_all.data_ptr<scalar_t>() + off, dh_all.defined() ? dh_all.data_ptr<scalar_t>() + off : nullptr,
-              dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr, g.data_ptr<acc_t>(),
-              dz.data_ptr<scalar_t>() + off, dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows,
-              p.H, rs);
+          const scalar_t* h_ptr = h_all.data_ptr<scalar_t>() + off;
+          const scalar_t* dh_ptr = dh_all.defined() ? dh_all.data_ptr<scalar_t>() + off : nullptr;
+          const scalar_t* dh_last_ptr = dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr;
+          if (plain) {
+            step_backward_kernel<scalar_t, kAct><<<blocks_for(n), kThreads, 0, stream>>>(
+                h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
+                dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs);
+          } else {
+            acc_t* sq_ptr = opts.record_norms ? grad_sq.data_ptr<acc_t>() + cur.row_begin * p.D + d : nullptr;
+            step_backward_options_kernel<scalar_t, kAct><<<std::max(cur.rows, g_rows), kThreads, 0, stream>>>(
+                h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
+                dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs, opts.clip_mode,
+                static_cast<acc_t>(opts.clip), sq_ptr, p.D);
+          }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }

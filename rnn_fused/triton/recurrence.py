@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import ops as _ops
+from .. import reference
 
 # Largest padded hidden size whose W_hh one program keeps in registers: 128x128 fp32 is 64 KiB, 64 registers
 # per thread at 8 warps, leaving room for the state, the dot operands and the product under the 255-register
@@ -102,6 +103,26 @@ def _activation_grad(h, ACTIVATION: tl.constexpr):
         return tl.where(h <= 0.0, 0.0, 1.0)  # NaN -> 1, as torch's relu backward
 
 
+# CLIP_MODE values: the op's clip_mode "none" / "value" / "norm" (csrc/ops.cpp states the rule).
+CLIP_NONE: tl.constexpr = 0
+CLIP_VALUE: tl.constexpr = 1
+CLIP_NORM: tl.constexpr = 2
+
+
+@triton.jit
+def _clip(b_g, b_sq, clip, CLIP_MODE: tl.constexpr):
+    """The in-BPTT clip of g = dL/dh_t [BLOCK_B, BLOCK] (b_sq: each row's ||g||^2 over all of H, for
+    "norm"). Written with comparisons, which are false for NaN: a NaN element passes "value" as in
+    torch.clamp, and a row whose norm is NaN becomes NaN under "norm" (clip / max(norm, clip))."""
+    if CLIP_MODE == CLIP_VALUE:
+        b_g = tl.where(b_g > clip, clip, b_g)
+        b_g = tl.where(b_g < -clip, -clip, b_g)
+    elif CLIP_MODE == CLIP_NORM:
+        b_norm = tl.sqrt(b_sq)
+        b_g = b_g * (clip / tl.where(b_norm <= clip, clip, b_norm))[:, None]
+    return b_g
+
+
 @triton.jit
 def _step(steps, i_d, s, T, B, VARLEN: tl.constexpr):
     """(rows, row_begin, carried, continuing) of visited step s of direction i_d (see the module doc)."""
@@ -156,8 +177,9 @@ def _forward_register_kernel(
     "VARLEN": lambda args: args["steps"] is not None,
     "HAS_DH_ALL": lambda args: args["dh_all"] is not None,
     "HAS_DH_LAST": lambda args: args["dh_last"] is not None,
+    "RECORD": lambda args: args["grad_sq"] is not None,
 })
-@triton.jit(do_not_specialize=["T", "B"])
+@triton.jit(do_not_specialize=["T", "B", "clip"])
 def _backward_register_kernel(
     w_hh,     # [D, H, H]
     h_all,    # [N, D, H]
@@ -165,10 +187,11 @@ def _backward_register_kernel(
     dh_last,  # [D, B, H] or None
     dz,       # [N, D, H] out
     dh0,      # [D, B, H] out
+    grad_sq,  # [N, D] fp32 out, ||dL/dh_t||^2 per row, or None
     steps,    # [D, T, 4] int64, or None (padded)
-    T, B, D, H,
+    T, B, D, H, clip,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, VARLEN: tl.constexpr,
-    HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr,
+    HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr, RECORD: tl.constexpr, CLIP_MODE: tl.constexpr,
 ):
     i_b, i_d = tl.program_id(0), tl.program_id(1)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -193,8 +216,17 @@ def _backward_register_kernel(
         b_g = b_c
         if HAS_DH_ALL:
             b_g += tl.load(dh_all + p_x, mask=m, other=0.0).to(tl.float32)
+        b_g = tl.where(m, b_g, 0.0)  # b_g = dL/dh_t
+        if RECORD or CLIP_MODE == CLIP_NORM:
+            b_sq = tl.sum(b_g * b_g, axis=1)
+            if RECORD:
+                tl.store(grad_sq + (row_begin + o_b).to(tl.int64) * D + i_d, b_sq, mask=m_r)
+        if CLIP_MODE == CLIP_NORM:
+            b_g = _clip(b_g, b_sq, clip, CLIP_MODE)
+        elif CLIP_MODE == CLIP_VALUE:
+            b_g = _clip(b_g, None, clip, CLIP_MODE)
         b_h = tl.load(h_all + p_x, mask=m, other=0.0).to(tl.float32)
-        b_dz = tl.where(m, b_g * _activation_grad(b_h, ACTIVATION), 0.0)
+        b_dz = b_g * _activation_grad(b_h, ACTIVATION)
         tl.store(dz + p_x, b_dz.to(dz.dtype.element_ty), mask=m)
         b_c = tl.where(m_r[:, None], tl.dot(b_dz, b_w, input_precision="ieee"), b_c)
     tl.store(dh0 + p_state, b_c.to(dh0.dtype.element_ty), mask=m_state)
@@ -259,16 +291,17 @@ def _forward_step_kernel(
 
 
 @triton.jit
-def _dz_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, ACTIVATION: tl.constexpr,
-             HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr):
-    """dz = (dh_t + g) * act'(h_t) on one tile, g = the carry (continuing rows) or dh_last (ending rows)."""
+def _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, ACTIVATION: tl.constexpr,
+            HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr):
+    """(g, act'(h_t)) on one tile: g = dL/dh_t = dh_t + the carry (continuing rows) or dh_last (ending
+    rows); zero outside the mask."""
     b_g = tl.load(c_src + p_state, mask=m_carry, other=0.0)
     if HAS_DH_LAST:
         b_g += tl.load(dh_last + p_state, mask=m_end, other=0.0).to(tl.float32)
     if HAS_DH_ALL:
         b_g += tl.load(dh_all + p_x, mask=m, other=0.0).to(tl.float32)
     b_h = tl.load(h_all + p_x, mask=m, other=0.0).to(tl.float32)
-    return tl.where(m, b_g * _activation_grad(b_h, ACTIVATION), 0.0)
+    return tl.where(m, b_g, 0.0), _activation_grad(b_h, ACTIVATION)
 
 
 @triton.autotune(configs=_step_configs(), key=["H", "B"])
@@ -276,8 +309,9 @@ def _dz_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, ACT
     "VARLEN": lambda args: args["steps"] is not None,
     "HAS_DH_ALL": lambda args: args["dh_all"] is not None,
     "HAS_DH_LAST": lambda args: args["dh_last"] is not None,
+    "RECORD": lambda args: args["grad_sq"] is not None,
 })
-@triton.jit(do_not_specialize=["s", "T", "B"])
+@triton.jit(do_not_specialize=["s", "T", "B", "clip"])
 def _backward_step_kernel(
     w_hh,     # [D, H, H]
     h_all,    # [N, D, H]
@@ -287,11 +321,15 @@ def _backward_step_kernel(
     c_dst,    # [D, B, H] fp32 out, W^T dz of this step
     dz,       # [N, D, H] out
     dh0,      # [D, B, H] out
+    grad_sq,  # [N, D] fp32 out, ||dL/dh_t||^2 per row, or None
     steps,    # [D, T, 4] int64, or None (padded)
-    s, T, B, D, H,
+    s, T, B, D, H, clip,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    VARLEN: tl.constexpr, HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr,
+    VARLEN: tl.constexpr, HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr, RECORD: tl.constexpr,
+    CLIP_MODE: tl.constexpr,
 ):
+    # The K loop reads whole rows of g_t (it needs all of dz_t for W^T dz_t), so every program knows each
+    # row's ||g_t||^2 by its end; the norm clip, a per-row factor, is applied to the product afterwards.
     i_n, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, row_begin, carried, continuing = _step(steps, i_d, s, T, B, VARLEN)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -302,19 +340,30 @@ def _backward_step_kernel(
     p_state = (i_d * B + o_b[:, None]).to(tl.int64) * H
     i_row = (row_begin + o_b[:, None]).to(tl.int64) * D + i_d
     b_c = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+    b_sq = tl.zeros([BLOCK_B], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k[None, :] < H
-        b_dz = _dz_tile(h_all, dh_all, dh_last, c_src, i_row * H + o_k[None, :], p_state + o_k[None, :],
-                        m_r[:, None] & m_k, m_carry_r & m_k, m_end_r & m_k, ACTIVATION, HAS_DH_ALL, HAS_DH_LAST)
+        b_g, b_ag = _g_tile(h_all, dh_all, dh_last, c_src, i_row * H + o_k[None, :], p_state + o_k[None, :],
+                            m_r[:, None] & m_k, m_carry_r & m_k, m_end_r & m_k, ACTIVATION, HAS_DH_ALL,
+                            HAS_DH_LAST)
+        if RECORD or CLIP_MODE == CLIP_NORM:
+            b_sq += tl.sum(b_g * b_g, axis=1)
+        if CLIP_MODE == CLIP_VALUE:
+            b_g = _clip(b_g, None, clip, CLIP_MODE)
         # b_w[k, n] = W_hh[d, k, n]: carry = dz @ W
         p_w = w_hh + i_d.to(tl.int64) * H * H + o_k[:, None] * H + o_n[None, :]
         b_w = tl.load(p_w, mask=(o_k < H)[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        b_c += tl.dot(b_dz, b_w, input_precision="ieee")
+        b_c += tl.dot(b_g * b_ag, b_w, input_precision="ieee")
+    if CLIP_MODE == CLIP_NORM:
+        b_c = _clip(b_c, b_sq, clip, CLIP_MODE)  # W^T (s g act') = s W^T (g act'), s per row
+    if RECORD:
+        tl.store(grad_sq + (row_begin + o_b).to(tl.int64) * D + i_d, b_sq, mask=m_r & (i_n == 0))
     m = m_r[:, None] & m_n[None, :]
     p_x = i_row * H + o_n[None, :]
-    b_dz = _dz_tile(h_all, dh_all, dh_last, c_src, p_x, p_state + o_n[None, :], m, m_carry_r & m_n[None, :],
-                    m_end_r & m_n[None, :], ACTIVATION, HAS_DH_ALL, HAS_DH_LAST)
+    b_g, b_ag = _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state + o_n[None, :], m, m_carry_r & m_n[None, :],
+                        m_end_r & m_n[None, :], ACTIVATION, HAS_DH_ALL, HAS_DH_LAST)
+    b_dz = _clip(b_g, b_sq, clip, CLIP_MODE) * b_ag
     tl.store(dz + p_x, b_dz.to(dz.dtype.element_ty), mask=m)
     tl.store(c_dst + p_state + o_n[None, :], b_c, mask=m)
     m_start = m & (o_b >= carried)[:, None]  # sequences that started here hand their carry to dh0
@@ -454,9 +503,14 @@ def triton_recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes:
 
 @torch.library.custom_op("rnn_fused::triton_recurrence_backward", mutates_args=())
 def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Optional[Tensor],
-                               dh_last: Optional[Tensor], batch_sizes: Optional[Tensor],
-                               activation: str) -> tuple[Tensor, Tensor]:
+                               dh_last: Optional[Tensor], batch_sizes: Optional[Tensor], activation: str,
+                               clip_mode: str = "none", clip: float = 0.0,
+                               record_norms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     T, B, D, H, sizes = _check(h_all, "h_all", w_hh, h0, batch_sizes, activation)
+    try:
+        reference.check_clip(clip_mode, clip)
+    except ValueError as err:
+        _fail(str(err))
     if dh_all is not None:
         _check_like(dh_all, "dh_all", w_hh, "w_hh")
         if dh_all.shape != h_all.shape:
@@ -465,8 +519,12 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
         _check_like(dh_last, "dh_last", w_hh, "w_hh")
         _check_shape(dh_last, "dh_last", (D, B, H), "[D, B, H]")
     (dz, dz_buf), (dh0, dh0_buf) = _output_like(h_all), _output_like(h0)
+    sq_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
+    grad_sq = h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=sq_dtype)
     if T == 0 or B == 0 or H == 0:
-        return dz, (dh0.copy_(dh_last) if dh_last is not None else dh0.zero_())
+        return dz, (dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()), grad_sq.zero_()
+    clip_args = dict(CLIP_MODE=("none", "value", "norm").index(clip_mode))
+    sq_arg = grad_sq if record_norms else None
     w_hh, h_all = w_hh.contiguous(), h_all.contiguous()
     dh_all = dh_all.contiguous() if dh_all is not None else None
     dh_last = dh_last.contiguous() if dh_last is not None else None
@@ -474,9 +532,9 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
         steps = None if sizes is None else _step_table(sizes, D, h_all.device)
         if _uses_register_path(H):
             grid = (triton.cdiv(B, REGISTER_BLOCK_B), D)
-            _backward_register_kernel[grid](w_hh, h_all, dh_all, dh_last, dz_buf, dh0_buf, steps, T, B, D, H,
-                                            ACTIVATION=activation, BLOCK_B=REGISTER_BLOCK_B,
-                                            BLOCK_H=_block_h(H), num_warps=_register_warps(H))
+            _backward_register_kernel[grid](w_hh, h_all, dh_all, dh_last, dz_buf, dh0_buf, sq_arg, steps,
+                                            T, B, D, H, clip, ACTIVATION=activation, BLOCK_B=REGISTER_BLOCK_B,
+                                            BLOCK_H=_block_h(H), num_warps=_register_warps(H), **clip_args)
         else:
             # ping-pong [2, D, B, H] fp32; every row a step reads from it was written by the step before
             # (rows that end there read dh_last instead), so it needs no initialisation
@@ -484,8 +542,9 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
             grid = _step_grid(B, D, H)
             for i, s in enumerate(reversed(range(T))):
                 _backward_step_kernel[grid](w_hh, h_all, dh_all, dh_last, carry[i % 2], carry[(i + 1) % 2],
-                                            dz_buf, dh0_buf, steps, s, T, B, D, H, ACTIVATION=activation)
-    return _finish(dz, dz_buf), _finish(dh0, dh0_buf)
+                                            dz_buf, dh0_buf, sq_arg, steps, s, T, B, D, H, clip,
+                                            ACTIVATION=activation, **clip_args)
+    return _finish(dz, dz_buf), _finish(dh0, dh0_buf), grad_sq
 
 
 _ops.register("rnn_fused::triton_recurrence_forward", "rnn_fused::triton_recurrence_backward")
