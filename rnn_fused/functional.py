@@ -6,17 +6,24 @@ import torch
 from torch import Tensor
 
 from .backends import recurrence_forward_fn, resolve
+from .bptt import BPTTOptions, recurrence_with_options
 
 
 def recurrence(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None = None,
-               activation: str = "tanh", backend: str = "auto") -> tuple[Tensor, Tensor]:
+               activation: str = "tanh", backend: str = "auto",
+               bptt: BPTTOptions | None = None) -> tuple[Tensor, Tensor]:
     """``h_t = act(xw_t + W_hh h_{t-1})`` for all steps and directions; returns ``(h_all, h_last)``.
 
     Shapes as in csrc/ops.cpp: ``xw`` ``[T, B, D, H]`` (or ``[N, D, H]`` packed with ``batch_sizes``),
     ``w_hh`` ``[D, H, H]``, ``h0`` ``[D, B, H]``. Differentiable w.r.t. ``xw``, ``w_hh`` and ``h0``.
+    ``bptt``: in-BPTT clipping and gradient-norm recording (rnn_fused/bptt.py; eager mode only).
     """
     name = resolve(backend, xw.device, xw.dtype)
-    forward = recurrence_forward_fn(name)
+    if bptt is not None and bptt.active:
+        def forward(*args):
+            return recurrence_with_options(*args, name, bptt)
+    else:
+        forward = recurrence_forward_fn(name)
     if name == "cpu" and xw.dtype in (torch.float16, torch.bfloat16):
         # The CPU kernels compute half types in float32 (fp32 accumulation and fp32 carried state, as the
         # GPU kernels do); only the outputs are rounded to the input's dtype.
@@ -44,7 +51,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor 
 
 def rnn_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None, b_hh: Tensor | None = None,
               h0: Tensor | None = None, batch_sizes: Tensor | None = None, activation: str = "tanh",
-              backend: str = "auto") -> tuple[Tensor, Tensor]:
+              backend: str = "auto", bptt: BPTTOptions | None = None) -> tuple[Tensor, Tensor]:
     """One Elman RNN layer with D directions (D = 2: bidirectional, direction 1 runs backwards in time).
 
     ``x`` ``[T, B, I]`` (or packed ``[N, I]`` with ``batch_sizes``), ``w_ih`` ``[D, H, I]``, ``w_hh``
@@ -57,5 +64,5 @@ def rnn_layer(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None = None,
         B = x.shape[1] if batch_sizes is None else (int(batch_sizes[0]) if len(batch_sizes) else 0)
         h0 = x.new_zeros(D, B, H)
     xw = input_projection(x, w_ih, b_ih, b_hh)
-    h_all, h_last = recurrence(xw, w_hh, h0, batch_sizes, activation, backend)
+    h_all, h_last = recurrence(xw, w_hh, h0, batch_sizes, activation, backend, bptt)
     return h_all.reshape(*x.shape[:-1], D * H), h_last

@@ -9,6 +9,7 @@ runs through the op boundary (rnn_fused/functional.py) on the chosen backend.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,21 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from .backends import check_name
+from .bptt import BPTTOptions
+from .diagnostics import GradFlow
 from .functional import rnn_layer
+
+
+def _check_bptt_args(record_grad_norms, bptt_clip, bptt_clip_mode) -> None:
+    if not isinstance(record_grad_norms, bool):
+        raise TypeError(f"record_grad_norms must be a bool, got {type(record_grad_norms).__name__}")
+    if bptt_clip_mode not in ("norm", "value"):
+        raise ValueError(f"bptt_clip_mode must be 'norm' or 'value', got {bptt_clip_mode!r}")
+    if bptt_clip is not None:
+        if isinstance(bptt_clip, bool) or not isinstance(bptt_clip, (int, float)):
+            raise TypeError(f"bptt_clip must be a positive number or None, got {type(bptt_clip).__name__}")
+        if not (math.isfinite(bptt_clip) and bptt_clip > 0):
+            raise ValueError(f"bptt_clip must be a positive finite number or None, got {bptt_clip}")
 
 
 def _check_same_device(input: Tensor, hx: Tensor) -> None:
@@ -43,19 +58,30 @@ def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
 
 
 class FusedRNN(nn.RNNBase):
-    """Elman RNN with fused kernels; ``nn.RNN``'s arguments plus ``backend``.
+    """Elman RNN with fused kernels; ``nn.RNN``'s arguments plus ``backend`` and the BPTT options.
 
     ``backend``: ``'auto'`` (the fastest available for the input's device and dtype), ``'cuda'``,
     ``'triton'``, ``'cpu'`` or ``'reference'`` (plain PyTorch). An explicit backend that cannot run the
     input raises ``rnn_fused.BackendUnavailableError`` saying why.
+
+    BPTT options (keyword-only; docs/bptt.md explains them; eager mode only, torch.compile refuses them):
+
+    - ``record_grad_norms``: every forward sets ``self.grad_flow``, a ``rnn_fused.diagnostics.GradFlow``
+      that the backward fills with ``||dL/dh_t||`` per layer, direction and time step (before clipping).
+    - ``bptt_clip`` / ``bptt_clip_mode``: clip ``g_t = dL/dh_t`` at every step of the backward, before it
+      goes through act' and on to earlier steps: ``'norm'`` (default) rescales each sequence's ``g_t`` to norm
+      ``<= bptt_clip``, ``'value'`` clamps each element to ``[-bptt_clip, bptt_clip]``. The forward is
+      unchanged; the gradients are those of the clipped BPTT (``rnn_fused.reference.clip_gradient``).
 
     It derives from ``nn.RNNBase``, not ``nn.RNN``: torch.compile refuses to trace instances of ``nn.RNN``
     (it falls back to eager for them), and ``FusedRNN`` must compile with ``fullgraph=True``. The argument
     handling below is ``nn.RNN.__init__``'s, with its messages.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", record_grad_norms: bool = False,
+                 bptt_clip: float | None = None, bptt_clip_mode: str = "norm", **kwargs):
         check_name(backend)
+        _check_bptt_args(record_grad_norms, bptt_clip, bptt_clip_mode)
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:
@@ -68,12 +94,37 @@ class FusedRNN(nn.RNNBase):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(modes[self.nonlinearity], *args, **kwargs)
         self.backend = backend
+        self.record_grad_norms = record_grad_norms
+        self.bptt_clip = None if bptt_clip is None else float(bptt_clip)
+        self.bptt_clip_mode = bptt_clip_mode
+        self.grad_flow: GradFlow | None = None
 
     def flatten_parameters(self) -> None:
         """No-op: the kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
+        s = super().extra_repr() + f", backend={self.backend!r}"
+        if self.record_grad_norms:
+            s += ", record_grad_norms=True"
+        if self.bptt_clip is not None:
+            s += f", bptt_clip={self.bptt_clip}, bptt_clip_mode={self.bptt_clip_mode!r}"
+        return s
+
+    def __setstate__(self, state):
+        # Modules pickled before the BPTT options existed load with them switched off.
+        state.setdefault("record_grad_norms", False)
+        state.setdefault("bptt_clip", None)
+        state.setdefault("bptt_clip_mode", "norm")
+        state.setdefault("grad_flow", None)
+        super().__setstate__(state)
+
+    def _bptt_options(self, layer: int) -> BPTTOptions | None:
+        """The layer's BPTT options, or None when neither recording nor clipping."""
+        if not self.record_grad_norms and self.bptt_clip is None:
+            return None
+        clip_mode, clip = ("none", 0.0) if self.bptt_clip is None else (self.bptt_clip_mode, self.bptt_clip)
+        sink = self.grad_flow.sink(layer) if self.record_grad_norms else None
+        return BPTTOptions(clip_mode, clip, sink)
 
     def _layer_weights(self, layer: int, dtype: torch.dtype | None = None):
         """One layer's parameters stacked over directions: w_ih [D,H,I], w_hh [D,H,H], bias [D,H] or None.
@@ -149,11 +200,15 @@ class FusedRNN(nn.RNNBase):
         layer_input = data
         h_n = []
         with torch.autocast(data.device.type, enabled=False) if compute_dtype else contextlib.nullcontext():
-            for layer in range(self.num_layers):
-                w_ih, w_hh, bias = self._layer_weights(layer, compute_dtype)
+            weights = [self._layer_weights(layer, compute_dtype) for layer in range(self.num_layers)]
+            if self.record_grad_norms:
+                T = len(batch_sizes) if is_packed else data.size(0)
+                self.grad_flow = GradFlow(self.num_layers, num_directions, T, max_batch_size, batch_sizes,
+                                          unsorted_indices, [w_hh for _, w_hh, _ in weights])
+            for layer, (w_ih, w_hh, bias) in enumerate(weights):
                 h0 = hx[layer * num_directions:(layer + 1) * num_directions]
                 layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
-                                                 self.nonlinearity, self.backend)
+                                                 self.nonlinearity, self.backend, self._bptt_options(layer))
                 h_n.append(h_last)
                 # Dropout sits between layers only, in training only; h_n is taken before it.
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:

@@ -1,0 +1,149 @@
+"""Gradient-flow diagnostics: ``||dL/dh_t||`` per layer, direction and time step, as BPTT computed it.
+
+BPTT carries ``g_t = dL/dh_t`` backwards through time; ``g_k`` holds ``g_t`` multiplied by the Jacobians
+``dh_{j}/dh_{j-1} = diag(act'(z_j)) W_hh`` of every step in between, so its norm shrinks geometrically when
+the spectral radius of ``W_hh`` (times the typical act') is below 1 and grows when it is above 1: vanishing
+and exploding gradients. The fused backward already holds every ``g_t``; with
+``FusedRNN(..., record_grad_norms=True)`` it also writes ``||g_t||^2`` per row (csrc/ops.cpp,
+``record_norms``), which this module turns into norms and plots.
+
+    rnn = FusedRNN(32, 64, num_layers=2, record_grad_norms=True)
+    out, _ = rnn(x)
+    out[-1].sum().backward()
+    rnn.grad_flow.step_norms()          # [layers, directions, T] float64
+    plot_grad_flow(rnn.grad_flow, "grad_flow.png")
+
+The norms are taken before any in-BPTT clipping (``bptt_clip``), so they show what the clip acted on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+def spectral_radius(w: Tensor) -> float:
+    """max |eigenvalue| of a square matrix (computed in float64 on the CPU)."""
+    if w.dim() != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"spectral_radius: w must be a square matrix [H, H], got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        return 0.0
+    return torch.linalg.eigvals(w.detach().to("cpu", torch.float64)).abs().max().item()
+
+
+class GradFlow:
+    """What one forward call's backward recorded: ``||dL/dh_t||^2`` of every row, layer and direction.
+
+    Created by ``FusedRNN.forward`` when ``record_grad_norms=True`` (``module.grad_flow``) and filled in
+    when the backward reaches each layer; a second backward through the same graph overwrites it. Norms are
+    indexed by time (``t`` of ``h_t``), for both directions.
+    """
+
+    def __init__(self, num_layers: int, num_directions: int, T: int, B: int, batch_sizes: Tensor | None,
+                 unsorted_indices: Tensor | None, w_hh: Sequence[Tensor]):
+        self.num_layers, self.num_directions, self.T, self.B = num_layers, num_directions, T, B
+        self._batch_sizes = None if batch_sizes is None else batch_sizes.detach().cpu()
+        self._unsorted = None if unsorted_indices is None else unsorted_indices.detach().cpu()
+        self._w_hh = [w.detach().clone() for w in w_hh]  # [D, H, H] per layer, as the forward used them
+        self._grad_sq: list[Tensor | None] = [None] * num_layers
+        self._radius: Tensor | None = None
+
+    def sink(self, layer: int):
+        """The callback that layer ``layer``'s backward hands its ``grad_sq`` to."""
+        def record(grad_sq: Tensor) -> None:
+            self._grad_sq[layer] = grad_sq.detach().to("cpu", torch.float64)
+        return record
+
+    @property
+    def complete(self) -> bool:
+        """True once the backward has reached every layer."""
+        return all(sq is not None for sq in self._grad_sq)
+
+    def _per_step(self, sq: Tensor) -> Tensor:
+        """[D, T, B] squared norms in the sorted batch order, NaN where a packed sequence has no step t."""
+        D, T, B = self.num_directions, self.T, self.B
+        if self._batch_sizes is None:
+            return sq.reshape(T, B, D).permute(2, 0, 1)
+        out = torch.full((D, T, B), math.nan, dtype=torch.float64)
+        sizes = self._batch_sizes
+        t = torch.repeat_interleave(torch.arange(T), sizes)
+        b = torch.arange(t.numel()) - (torch.cumsum(sizes, 0) - sizes)[t]
+        out[:, t, b] = sq.T
+        return out
+
+    def _recorded(self) -> list[Tensor | None]:
+        if not any(sq is not None for sq in self._grad_sq):
+            raise RuntimeError("rnn_fused: no gradient norms recorded yet: call backward() through the output "
+                               "of the forward call that created this GradFlow first")
+        return self._grad_sq
+
+    def sequence_norms(self) -> Tensor:
+        """``||dL/dh_t||`` of each sequence: float64 ``[num_layers, num_directions, T, B]``, in the caller's
+        batch order; NaN where a packed sequence is shorter than ``t`` and for layers the backward did not
+        reach (e.g. only ``h_n`` of a lower layer was used)."""
+        rows = []
+        for sq in self._recorded():
+            per = torch.full((self.num_directions, self.T, self.B), math.nan, dtype=torch.float64)
+            rows.append(per if sq is None else self._per_step(sq).sqrt())
+        out = torch.stack(rows)
+        if self._unsorted is not None:
+            out = out[..., self._unsorted]
+        return out
+
+    def step_norms(self) -> Tensor:
+        """``||dL/dh_t||`` over the whole batch (the Frobenius norm of the ``[B, H]`` gradient of ``h_t``):
+        float64 ``[num_layers, num_directions, T]``; NaN for layers the backward did not reach."""
+        out = self.sequence_norms().square()
+        reached = torch.tensor([sq is not None for sq in self._grad_sq])
+        total = out.nan_to_num(0.0).sum(-1).sqrt()
+        total[~reached] = math.nan
+        return total
+
+    @property
+    def spectral_radius(self) -> Tensor:
+        """ρ(W_hh) of every layer and direction at forward time: float64 ``[num_layers, num_directions]``."""
+        if self._radius is None:
+            self._radius = torch.tensor([[spectral_radius(w[d]) for d in range(w.shape[0])] for w in self._w_hh],
+                                        dtype=torch.float64)
+        return self._radius
+
+    def __repr__(self) -> str:
+        reached = sum(sq is not None for sq in self._grad_sq)
+        return (f"GradFlow(layers={self.num_layers}, directions={self.num_directions}, T={self.T}, B={self.B}, "
+                f"recorded={reached}/{self.num_layers} layers)")
+
+
+def plot_grad_flow(flow: GradFlow, path=None, title: str | None = None, ax=None):
+    """Plots ``flow.step_norms()`` against the time step on a log scale, one line per layer and direction,
+    with ρ(W_hh) in the legend. Saves a PNG to ``path`` if given; returns the matplotlib Figure.
+
+    Reading it: the loss usually sits at the last steps, so the curve starts there; a line falling
+    steadily towards t = 0 is a vanishing gradient (ρ small, or saturated tanh), one rising is exploding.
+    """
+    if ax is None:
+        # A Figure outside pyplot: no GUI backend needed, nothing kept alive in pyplot's figure registry.
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7, 4))
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    norms = flow.step_norms()
+    radius = flow.spectral_radius
+    steps = torch.arange(flow.T)
+    for layer in range(flow.num_layers):
+        for d in range(flow.num_directions):
+            name = f"layer {layer}" + ("" if flow.num_directions == 1 else (" forward" if d == 0 else " reverse"))
+            ax.semilogy(steps.numpy(), norms[layer, d].numpy(), label=f"{name}, ρ(W_hh) = {radius[layer, d]:.2f}")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel("||dL/dh_t||")
+    ax.set_title(title or "Gradient flow through time (BPTT)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

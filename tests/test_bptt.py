@@ -1,0 +1,379 @@
+"""In-BPTT clipping and gradient-flow diagnostics (rnn_fused/bptt.py, rnn_fused/diagnostics.py).
+
+The yardstick is independent of every backend, the reference included: an RNN unrolled one sequence at a
+time with one autograd node per hidden state h_t. ``retain_grad`` on each h_t gives dL/dh_t; the clip rule
+is a hook on h_t that sees dL/dh_t (everything flowing into h_t: its output and the next step) and returns
+the clipped value, which is then what flows into act', W_hh, W_ih and the earlier steps.
+"""
+
+import math
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from rnn_fused import FusedRNN, reference
+from rnn_fused.bptt import BPTTOptions, backend_ops
+from rnn_fused.diagnostics import GradFlow, plot_grad_flow, spectral_radius
+
+from .conftest import EXTENSION_ERROR, assert_matches, available_backends
+
+CPU_BACKENDS = [b for b in available_backends("cpu", torch.float64) if b != "triton"]
+TRITON_ON_CPU = "triton" in available_backends("cpu", torch.float32)
+CLIPS = [("none", None), ("value", 0.05), ("norm", 0.2)]  # small enough to bind at most steps
+
+
+def _clip_rule(g, mode, clip):
+    """The documented rule, written here again (not imported) so the test does not trust reference.py."""
+    if mode == "value":
+        return g.clamp(-clip, clip)
+    if mode == "norm":
+        n = g.norm()
+        return g * (clip / n) if n > clip else g
+    return g
+
+
+def unrolled(params, x, lengths, h0, num_layers, D, act, clip_mode, clip):
+    """Runs each sequence alone, returns (outputs [per sequence: [len, D*H]], h_n [L*D, B, H], grads),
+    where grads[l][d][b][t] is filled with dL/dh_t (before clipping) by the backward.
+
+    params: dict of nn.RNN's parameter names -> tensors; x [T, B, I] padded; lengths: list of ints.
+    """
+    f = torch.tanh if act == "tanh" else torch.relu
+    B = x.shape[1]
+    outputs, finals = [], [[None] * B for _ in range(num_layers * D)]
+    grads = [[[{} for _ in range(B)] for _ in range(D)] for _ in range(num_layers)]
+    for b in range(B):
+        inp = x[:lengths[b], b]
+        for layer in range(num_layers):
+            outs = []
+            for d in range(D):
+                sfx = f"_l{layer}" + ("_reverse" if d else "")
+                w_ih, w_hh = params["weight_ih" + sfx], params["weight_hh" + sfx]
+                b_ih, b_hh = params.get("bias_ih" + sfx), params.get("bias_hh" + sfx)
+                h = h0[layer * D + d, b]
+                hs = [None] * lengths[b]
+                for t in (range(lengths[b]) if d == 0 else reversed(range(lengths[b]))):
+                    z = inp[t] @ w_ih.T + h @ w_hh.T
+                    if b_ih is not None:
+                        z = z + b_ih + b_hh
+                    h = f(z)
+
+                    def hook(g, store=grads[layer][d][b], t=t):
+                        store[t] = g.detach().clone()
+                        return _clip_rule(g, clip_mode, clip)
+
+                    h.register_hook(hook)
+                    hs[t] = h
+                finals[layer * D + d][b] = h
+                outs.append(torch.stack(hs))
+            inp = torch.cat(outs, -1)
+        outputs.append(inp)
+    h_n = torch.stack([torch.stack(row) for row in finals])
+    return outputs, h_n, grads
+
+
+def _setup(num_layers, bidirectional, packed, act, dtype=torch.float64, seed=0, T=6, B=3, I=4, H=5):
+    torch.manual_seed(seed)
+    D = 2 if bidirectional else 1
+    module_args = dict(input_size=I, hidden_size=H, num_layers=num_layers, nonlinearity=act,
+                       bidirectional=bidirectional, dtype=dtype)
+    params = {k: v.detach() for k, v in torch.nn.RNN(**module_args).state_dict().items()}
+    lengths = [T, T - 2, T - 3] if packed else [T] * B
+    x = torch.randn(T, B, I, dtype=dtype)
+    h0 = torch.randn(num_layers * D, B, H, dtype=dtype)
+    w_out = torch.randn(T, B, D * H, dtype=dtype)  # loss = sum(w_out * output) + sum(w_hn * h_n)
+    w_hn = torch.randn(num_layers * D, B, H, dtype=dtype)
+    return module_args, params, lengths, x, h0, w_out, w_hn
+
+
+def _leaf(t, dtype):
+    """A fresh leaf copy (the setup's tensors are shared by several runs)."""
+    return t.detach().to(dtype, copy=True).requires_grad_()
+
+
+def _expected(setup, clip_mode, clip, dtype):
+    module_args, params, lengths, x, h0, w_out, w_hn = setup
+    L, D = module_args["num_layers"], 2 if module_args["bidirectional"] else 1
+    leaves = {k: _leaf(v, dtype) for k, v in params.items()}
+    xs, h0s = _leaf(x, dtype), _leaf(h0, dtype)
+    outs, h_n, grads = unrolled(leaves, xs, lengths, h0s, L, D, module_args["nonlinearity"], clip_mode, clip)
+    loss = sum((o * w_out[:len(o), b].to(dtype)).sum() for b, o in enumerate(outs)) + (h_n * w_hn.to(dtype)).sum()
+    loss.backward()
+    T, B = x.shape[:2]
+    norms = torch.full((L, D, T, B), math.nan, dtype=torch.float64)
+    for layer in range(L):
+        for d in range(D):
+            for b in range(B):
+                for t, g in grads[layer][d][b].items():
+                    norms[layer, d, t, b] = g.double().norm()
+    param_grads = {k: v.grad for k, v in leaves.items()}
+    return norms, param_grads, xs.grad, h0s.grad
+
+
+def _ours(setup, backend, clip_mode, clip, dtype, record=True):
+    module_args, params, lengths, x, h0, w_out, w_hn = setup
+    kwargs = dict(module_args, dtype=dtype)
+    if clip_mode != "none":
+        kwargs.update(bptt_clip=clip, bptt_clip_mode=clip_mode)
+    rnn = FusedRNN(**kwargs, backend=backend, record_grad_norms=record)
+    rnn.load_state_dict({k: v.to(dtype) for k, v in params.items()})
+    xs, h0s = _leaf(x, dtype), _leaf(h0, dtype)
+    packed = len(set(lengths)) > 1
+    if packed:
+        # enforce_sorted=False on a deliberately unsorted batch: the diagnostics must come back in the
+        # caller's order
+        order = [1, 0, 2]
+        inp = pack_padded_sequence(xs[:, order], [lengths[i] for i in order], enforce_sorted=False)
+        out, h_n = rnn(inp, h0s[:, order])
+        out, _ = pad_packed_sequence(out, total_length=x.shape[0])
+        inverse = [order.index(i) for i in range(len(order))]
+        out, h_n = out[:, inverse], h_n[:, inverse]
+    else:
+        out, h_n = rnn(xs, h0s)
+    loss = (out * w_out.to(dtype)).sum() + (h_n * w_hn.to(dtype)).sum()
+    loss.backward()
+    flow = rnn.grad_flow
+    norms = None
+    if flow is not None:
+        norms = flow.sequence_norms()
+        if packed:
+            norms = norms[..., inverse]
+    return rnn, flow, norms, {k: v.grad for k, v in rnn.named_parameters()}, xs.grad, h0s.grad
+
+
+def _compare(setup, backend, clip_mode, clip, dtype):
+    ref_norms, ref_pgrads, ref_dx, ref_dh0 = _expected(setup, clip_mode, clip, torch.float64)
+    yard = _expected(setup, clip_mode, clip, dtype) if dtype != torch.float64 else (None,) * 4
+    rnn, flow, norms, pgrads, dx, dh0 = _ours(setup, backend, clip_mode, clip, dtype)
+    assert flow.complete
+    assert torch.equal(norms.isnan(), ref_norms.isnan()), "steps present differ"
+    present = ~ref_norms.isnan()
+    assert_matches(norms[present], ref_norms[present], None if yard[0] is None else yard[0][present],
+                   name="||dL/dh_t||", precision=dtype)
+    step = ref_norms.nan_to_num(0).square().sum(-1).sqrt()
+    step_yard = None if yard[0] is None else yard[0].nan_to_num(0).square().sum(-1).sqrt()
+    assert_matches(flow.step_norms(), step, step_yard, name="step norms", precision=dtype)
+    for name, g in pgrads.items():
+        assert_matches(g, ref_pgrads[name], None if yard[1] is None else yard[1][name], name=name)
+    assert_matches(dx, ref_dx, yard[2], name="d input")
+    assert_matches(dh0, ref_dh0, yard[3], name="d h0")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("clip_mode,clip", CLIPS)
+@pytest.mark.parametrize("num_layers,bidirectional", [(1, False), (1, True), (2, False), (2, True)])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("act", ["tanh", "relu"])
+def test_norms_and_clipping_match_unrolled_autograd(backend, clip_mode, clip, num_layers, bidirectional, packed,
+                                                     act):
+    assert EXTENSION_ERROR is None or backend == "reference", EXTENSION_ERROR
+    setup = _setup(num_layers, bidirectional, packed, act)
+    _compare(setup, backend, clip_mode, clip, torch.float64)
+
+
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="triton is not installed")
+@pytest.mark.parametrize("clip_mode,clip", CLIPS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_triton_norms_and_clipping_match_unrolled_autograd(clip_mode, clip, packed):
+    setup = _setup(2, True, packed, "tanh")
+    _compare(setup, "triton", clip_mode, clip, torch.float32)
+
+
+def _op_problem(D, H, T, B, packed, dtype, seed=3):
+    torch.manual_seed(seed)
+    bs = None
+    if packed:
+        lengths = sorted(torch.randint(1, T + 1, (B,)).tolist(), reverse=True)
+        lengths[0] = T
+        bs = torch.tensor([sum(l > t for l in lengths) for t in range(T)])
+        xw = torch.randn(int(bs.sum()), D, H, dtype=dtype)
+    else:
+        xw = torch.randn(T, B, D, H, dtype=dtype)
+    w_hh = torch.randn(D, H, H, dtype=dtype) * (1.2 / H ** 0.5)
+    h0 = torch.randn(D, B, H, dtype=dtype)
+    return xw, w_hh, h0, bs
+
+
+def _op_case_ids():
+    # (backend, H, B): large enough for the CPU's BLAS step, the Triton step kernel's several K chunks and
+    # column programs, and more than one batch tile; odd sizes on purpose.
+    cases = [(b, 7, 5) for b in CPU_BACKENDS] + ([("cpu", 70, 17)] if "cpu" in CPU_BACKENDS else [])
+    if TRITON_ON_CPU:
+        cases += [("triton", 7, 5), ("triton-step", 70, 17)]
+    return cases
+
+
+@pytest.mark.parametrize("backend,H,B", _op_case_ids())
+@pytest.mark.parametrize("clip_mode,clip", CLIPS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_backward_op_options_match_reference(monkeypatch, backend, H, B, clip_mode, clip, packed):
+    """The op boundary itself: (dz, dh0, grad_sq) with options against the reference op in float64."""
+    dtype = torch.float32 if backend.startswith("triton") else torch.float64
+    if backend == "triton-step":
+        from rnn_fused.triton import recurrence as K
+
+        monkeypatch.setattr(K, "MAX_REGISTER_H", 0)
+        backend = "triton"
+    clip = clip or 0.0
+    xw, w_hh, h0, bs = _op_problem(2, H, 5, B, packed, torch.float64)
+    h_all, _ = reference.recurrence_forward(xw, w_hh, h0, bs, "tanh")
+    dh_all, dh_last = torch.randn_like(h_all), torch.randn(2, B, H, dtype=torch.float64)
+    args = (w_hh, h_all, h0, dh_all, dh_last)
+    ref = reference.recurrence_backward(*args, bs, "tanh", clip_mode, clip, True)
+    yard = reference.recurrence_backward(*(t.to(dtype) for t in args), bs, "tanh", clip_mode, clip, True) \
+        if dtype != torch.float64 else (None,) * 3
+    ours = backend_ops(backend)[1](*(t.to(dtype) for t in args), bs, "tanh", clip_mode, clip, True)
+    assert ours[2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, a, r, y in zip(["dz", "dh0", "grad_sq"], ours, ref, yard):
+        assert_matches(a, r, y, name=f"{backend} {name}", precision=dtype)
+    # without recording: an empty grad_sq, and the same dz
+    plain = backend_ops(backend)[1](*(t.to(dtype) for t in args), bs, "tanh", clip_mode, clip, False)
+    assert plain[2].shape == (0,) and torch.equal(plain[0], ours[0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON_ON_CPU else []))
+def test_norm_clip_turns_a_nan_row_into_nan_and_value_clip_keeps_other_elements(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    xw, w_hh, h0, _ = _op_problem(1, 6, 3, 2, False, dtype)
+    h_all, _ = backend_ops(backend)[0](xw, w_hh, h0, None, "tanh")
+    dh_all = torch.randn_like(h_all)
+    dh_all[2, 0, 0, 1] = math.nan  # the last step of sequence 0
+    backward = backend_ops(backend)[1]
+    dz, _, sq = backward(w_hh, h_all, h0, dh_all, None, None, "tanh", "norm", 1.0, True)
+    assert dz[2, 0].isnan().all() and not dz[2, 1].isnan().any() and sq[2, 0].isnan() and not sq[2, 1].isnan()
+    dz, _, _ = backward(w_hh, h_all, h0, dh_all, None, None, "tanh", "value", 1.0, False)
+    assert dz[2, 0, 0, 1].isnan() and dz[2, 0, 0].isnan().sum() == 1
+
+
+def test_clip_bounds_every_step():
+    """What the clip promises: no step's g_t, as it enters act', is larger than the bound."""
+    setup = _setup(1, False, False, "tanh", T=12)
+    _, params, lengths, x, h0, w_out, w_hn = setup
+    big = {k: (v * 4 if k.startswith("weight_hh") else v) for k, v in params.items()}  # exploding
+    setup = (setup[0], big, lengths, x, h0, w_out * 10, w_hn)
+    for mode, clip in [("norm", 0.5), ("value", 0.1)]:
+        _, _, norms, _, _, _ = _ours(setup, "reference", mode, clip, torch.float64)
+        assert (norms > clip).any()  # the recorded norms are taken before the clip: they do exceed it
+    # op level: every dz row is clip(g) * act', so |dz| <= |clip(g)| <= bound
+    xw, w_hh, h0_, _ = _op_problem(1, 6, 12, 3, False, torch.float64)
+    w_hh = w_hh * 4
+    h_all, _ = reference.recurrence_forward(xw, w_hh, h0_, None, "tanh")
+    dh_all = torch.randn_like(h_all) * 10
+    dz, _, sq = reference.recurrence_backward(w_hh, h_all, h0_, dh_all, None, None, "tanh", "norm", 0.5, True)
+    assert (sq.sqrt() > 0.5).any() and (dz.norm(dim=-1) <= 0.5 + 1e-12).all()
+    dz, _, _ = reference.recurrence_backward(w_hh, h_all, h0_, dh_all, None, None, "tanh", "value", 0.1, False)
+    assert (dz.abs() <= 0.1 + 1e-12).all()
+
+
+def test_no_backward_raises_and_an_unused_layer_has_zero_norms():
+    rnn = FusedRNN(3, 4, num_layers=2, backend="reference", record_grad_norms=True, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    out, h_n = rnn(x)
+    with pytest.raises(RuntimeError, match="no gradient norms recorded yet"):
+        rnn.grad_flow.step_norms()
+    h_n[0].sum().backward()  # only layer 0's final state: dL/dh_t of layer 1 is zero
+    norms = rnn.grad_flow.step_norms()
+    assert norms.shape == (2, 1, 5) and (norms[1] == 0).all() and (norms[0] > 0).all()
+    assert rnn.grad_flow.complete
+    # a later forward starts a new record
+    out, _ = rnn(x)
+    first = rnn.grad_flow
+    out.sum().backward()
+    assert first.complete and rnn.grad_flow is first
+
+
+def test_spectral_radius():
+    w = torch.tensor([[0.0, 2.0], [-2.0, 0.0]])  # eigenvalues +-2i
+    assert spectral_radius(w) == pytest.approx(2.0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, dtype=torch.float64))
+    assert spectral_radius(0.7 * q) == pytest.approx(0.7)
+    with pytest.raises(ValueError, match=r"square matrix \[H, H\]"):
+        spectral_radius(torch.randn(2, 3))
+    rnn = FusedRNN(3, 8, bidirectional=True, backend="reference", record_grad_norms=True)
+    with torch.no_grad():
+        rnn.weight_hh_l0.copy_(0.7 * q)
+        rnn.weight_hh_l0_reverse.copy_(1.3 * q)
+    rnn(torch.randn(4, 2, 3))
+    radius = rnn.grad_flow.spectral_radius
+    assert radius.shape == (1, 2) and radius[0].tolist() == pytest.approx([0.7, 1.3], rel=1e-5)
+
+
+def test_plot_grad_flow_writes_a_labelled_png(tmp_path):
+    rnn = FusedRNN(3, 4, num_layers=2, bidirectional=True, backend="reference", record_grad_norms=True)
+    out, _ = rnn(torch.randn(7, 2, 3))
+    out[-1].sum().backward()
+    path = tmp_path / "flow.png"
+    fig = plot_grad_flow(rnn.grad_flow, path, title="test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "time step t" and ax.get_ylabel() == "||dL/dh_t||" and ax.get_yscale() == "log"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(labels) == 4 and all("ρ(W_hh)" in s for s in labels) and "layer 1 reverse" in labels[3]
+    assert len(ax.lines) == 4 and len(ax.lines[0].get_xdata()) == 7
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(bptt_clip=0.0), ValueError, r"bptt_clip must be a positive finite number or None, got 0.0"),
+    (dict(bptt_clip=math.inf), ValueError, r"bptt_clip must be a positive finite number"),
+    (dict(bptt_clip="1"), TypeError, r"bptt_clip must be a positive number or None, got str"),
+    (dict(bptt_clip=1.0, bptt_clip_mode="global"), ValueError, r"bptt_clip_mode must be 'norm' or 'value', got 'global'"),
+    (dict(record_grad_norms=1), TypeError, r"record_grad_norms must be a bool, got int"),
+])
+def test_module_rejects_bad_bptt_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        FusedRNN(3, 4, **kwargs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON_ON_CPU else []))
+def test_ops_reject_bad_clip_arguments(backend):
+    dtype = torch.float32
+    xw, w_hh, h0, _ = _op_problem(1, 4, 2, 2, False, dtype)
+    h_all, _ = backend_ops(backend)[0](xw, w_hh, h0, None, "tanh")
+    backward = backend_ops(backend)[1]
+    error = ValueError if backend == "reference" else RuntimeError
+    with pytest.raises(error, match=r"clip_mode must be 'none', 'value' or 'norm', got 'max'"):
+        backward(w_hh, h_all, h0, None, None, None, "tanh", "max", 1.0, False)
+    with pytest.raises(error, match=r"clip must be a positive finite number when clip_mode is 'norm', got -1"):
+        backward(w_hh, h_all, h0, None, None, None, "tanh", "norm", -1.0, False)
+    with pytest.raises(ValueError, match="clip must be a positive finite number"):
+        BPTTOptions("value", math.nan)
+
+
+def test_repr_pickle_and_state_dict_with_bptt_options():
+    import pickle
+
+    rnn = FusedRNN(3, 4, bptt_clip=2, bptt_clip_mode="value", record_grad_norms=True)
+    assert "record_grad_norms=True, bptt_clip=2.0, bptt_clip_mode='value'" in repr(rnn)
+    assert "bptt" not in repr(FusedRNN(3, 4)) and "record" not in repr(FusedRNN(3, 4))
+    assert set(rnn.state_dict()) == set(torch.nn.RNN(3, 4).state_dict())  # checkpoints stay nn.RNN's
+    copy = pickle.loads(pickle.dumps(rnn))
+    assert copy.bptt_clip == 2.0 and copy.bptt_clip_mode == "value" and copy.record_grad_norms
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_options_off_is_the_plain_path(backend):
+    """Recording changes nothing in the gradients (bit for bit where both paths run the same kernel; the
+    reference's plain path is torch autograd through its forward, so only to rounding); no options means no
+    GradFlow."""
+    setup = _setup(2, True, True, "tanh")
+    _, flow_off, _, g_off, dx_off, _ = _ours(setup, backend, "none", None, torch.float64, record=False)
+    _, flow_on, _, g_on, dx_on, _ = _ours(setup, backend, "none", None, torch.float64, record=True)
+    assert flow_off is None and isinstance(flow_on, GradFlow)
+    same = torch.equal if backend != "reference" else (lambda a, b: assert_matches(a, b) or True)
+    assert all(same(g_on[k], g_off[k]) for k in g_off) and same(dx_on, dx_off)
+
+
+def test_torch_compile_refuses_bptt_options_with_a_clear_error():
+    rnn = FusedRNN(3, 4, backend="reference", bptt_clip=1.0)
+    compiled = torch.compile(rnn, backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="eager mode only"):
+        compiled(torch.randn(5, 2, 3))
+
+
+def test_double_backward_with_bptt_options_raises_a_clear_error():
+    rnn = FusedRNN(2, 3, backend="reference", bptt_clip=1.0, dtype=torch.float64)
+    x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
+    out, _ = rnn(x)
+    with pytest.raises(RuntimeError, match="do not support create_graph=True"):
+        torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
