@@ -183,7 +183,9 @@ PRESETS: dict[str, Preset] = {
         timing=TimingPolicy(warmup=2, min_repeats=7, max_repeats=100, min_time_s=0.5, max_time_s=3.0),
         grid=_quick_grid,
         exclude={"compile": "torch.compile of the unrolled loop takes ~20 s (forward) and ~100 s (fwd+bwd) per "
-                            "shape on a 2-core CPU: it alone would blow the 5-minute budget"},
+                            "shape on a 2-core CPU: it alone would blow the 5-minute budget",
+                 **{n: "the BPTT-option providers are opt-in here (--backends cpu cpu+norms cpu+clip), to keep "
+                       "quick under 5 minutes" for n in ("cpu+norms", "cpu+clip", "cuda+norms", "cuda+clip")}},
         compile_budget_s=60.0,
         # One thread: quick runs on shared 2-core dev and CI machines, where a second busy core turns every
         # per-step OpenMP barrier into a scheduler wait (measured: nn.RNN forward T=256 B=16 H=128 took

@@ -9,7 +9,11 @@ weights.
 - ``nn.RNN``: the baseline every speedup is relative to (cuDNN on a GPU, ATen's RNN on a CPU);
 - ``cuda``, ``triton``, ``cpu``, ``reference``: ``rnn_fused.FusedRNN(backend=...)``;
 - ``compile``: ``torch.compile`` of FusedRNN(backend='reference'), i.e. the reference loop compiled whole;
-- ``flashrnn``: FlashRNN's fused Elman kernel (flashrnn_adapter.py, unverified), GPU only.
+- ``flashrnn``: FlashRNN's fused Elman kernel (flashrnn_adapter.py, unverified), GPU only;
+- ``cpu+norms``, ``cpu+clip``, ``cuda+norms``, ``cuda+clip``: the cost of the BPTT options (docs/bptt.md):
+  FusedRNN with ``record_grad_norms=True``, or with ``bptt_clip_mode='norm'`` at a bound too large to bind
+  (the kernel does the same work whether it binds or not, and the gate can still check the gradients).
+  Train mode only: the options change nothing in the forward.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ from .cases import Case
 from .workload import DTYPES, Workload
 
 FUSED_BACKENDS = ("cuda", "triton", "cpu", "reference")
-ALL_PROVIDERS = ("nn.RNN",) + FUSED_BACKENDS + ("compile", "flashrnn")
+# FusedRNN keyword arguments of the BPTT-option providers, by suffix
+BPTT_OPTIONS = {"norms": dict(record_grad_norms=True), "clip": dict(bptt_clip=1e30, bptt_clip_mode="norm")}
+OPTION_PROVIDERS = tuple(f"{b}+{o}" for b in ("cpu", "cuda") for o in BPTT_OPTIONS)
+ALL_PROVIDERS = ("nn.RNN",) + FUSED_BACKENDS + ("compile", "flashrnn") + OPTION_PROVIDERS
 BASELINE = "nn.RNN"
 
 
@@ -66,10 +73,10 @@ def _shim_limit(case: Case) -> str | None:
     return None
 
 
-def _new_fused(case: Case, backend: str, workload: Workload):
+def _new_fused(case: Case, backend: str, workload: Workload, **options):
     cls, _ = fused_rnn_class()
     model = cls(case.I, case.H, case.num_layers, nonlinearity=case.nonlinearity, bidirectional=case.bidirectional,
-                device=case.device, dtype=DTYPES[case.dtype], backend=backend)
+                device=case.device, dtype=DTYPES[case.dtype], backend=backend, **options)
     model.load_state_dict(workload.baseline.state_dict())
     return model
 
@@ -124,6 +131,30 @@ class Fused(Provider):
 
     def build(self, workload: Workload):
         model = _new_fused(workload.case, self.backend, workload)
+        return model, dict(model.named_parameters())
+
+
+class FusedWithOptions(Fused):
+    """FusedRNN with a BPTT option switched on (``<backend>+norms`` / ``<backend>+clip``)."""
+
+    def __init__(self, backend: str, option: str):
+        super().__init__(backend)
+        self.name = f"{backend}+{option}"
+        self.options = BPTT_OPTIONS[option]
+
+    def label(self, device: str) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"FusedRNN(backend='{self.backend}', {args})"
+
+    def unavailable(self, case: Case) -> str | None:
+        if case.mode != "train":
+            return "BPTT options change only the backward: timed in train mode"
+        if fused_rnn_class()[0] is ShimRNN:
+            return "needs rnn_fused.FusedRNN"
+        return super().unavailable(case)
+
+    def build(self, workload: Workload):
+        model = _new_fused(workload.case, self.backend, workload, **self.options)
         return model, dict(model.named_parameters())
 
 
@@ -190,7 +221,8 @@ def make_providers(names=None, *, compile_budget_s: float = 120.0, compile_max_s
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {ALL_PROVIDERS}")
     table = {"nn.RNN": TorchRNN, "compile": lambda: Compiled(compile_budget_s, compile_max_steps, compile_total_budget_s),
-             "flashrnn": FlashRNN, **{b: (lambda b=b: Fused(b)) for b in FUSED_BACKENDS}}
+             "flashrnn": FlashRNN, **{b: (lambda b=b: Fused(b)) for b in FUSED_BACKENDS},
+             **{n: (lambda n=n: FusedWithOptions(*n.split("+"))) for n in OPTION_PROVIDERS}}
     ordered = [BASELINE] + [n for n in ALL_PROVIDERS if n in names and n != BASELINE]
     return [table[n]() for n in ordered]
 
@@ -203,5 +235,5 @@ def timed_first_call(call):
     return result, time.perf_counter() - t0
 
 
-__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "Fused", "Provider", "ShimRNN", "TorchRNN",
+__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "Fused", "FusedWithOptions", "Provider", "ShimRNN", "TorchRNN",
            "fused_rnn_class", "make_providers", "timed_first_call"]
