@@ -25,7 +25,7 @@ for stage in $stages; do
   case $stage in
     build) step build 900 python3 -m pip install --no-build-isolation --no-deps -e . ;;
     tests) step tests 900 python3 -m pytest -q tests/test_cuda.py tests/test_ops.py tests/test_modules.py \
-             tests/test_triton.py tests/test_amp.py tests/test_compile.py ;;
+             tests/test_triton.py tests/test_amp.py tests/test_compile.py tests/test_bptt.py ;;
     sanitize)
       for kernel in persistent stepwise; do
         for tool in memcheck racecheck synccheck; do

@@ -16,7 +16,7 @@ from rnn_fused import FusedRNN, reference
 from rnn_fused.bptt import BPTTOptions, backend_ops
 from rnn_fused.diagnostics import GradFlow, plot_grad_flow, spectral_radius
 
-from .conftest import EXTENSION_ERROR, assert_matches, available_backends
+from .conftest import EXTENSION_ERROR, HAS_CUDA, assert_matches, available_backends
 
 CPU_BACKENDS = [b for b in available_backends("cpu", torch.float64) if b != "triton"]
 TRITON_ON_CPU = "triton" in available_backends("cpu", torch.float32)
@@ -111,14 +111,15 @@ def _expected(setup, clip_mode, clip, dtype):
     return norms, param_grads, xs.grad, h0s.grad
 
 
-def _ours(setup, backend, clip_mode, clip, dtype, record=True):
+def _ours(setup, backend, clip_mode, clip, dtype, record=True, device="cpu"):
     module_args, params, lengths, x, h0, w_out, w_hn = setup
-    kwargs = dict(module_args, dtype=dtype)
+    kwargs = dict(module_args, dtype=dtype, device=device)
     if clip_mode != "none":
         kwargs.update(bptt_clip=clip, bptt_clip_mode=clip_mode)
     rnn = FusedRNN(**kwargs, backend=backend, record_grad_norms=record)
     rnn.load_state_dict({k: v.to(dtype) for k, v in params.items()})
-    xs, h0s = _leaf(x, dtype), _leaf(h0, dtype)
+    xs, h0s = _leaf(x.to(device), dtype), _leaf(h0.to(device), dtype)
+    w_out, w_hn = w_out.to(device), w_hn.to(device)
     packed = len(set(lengths)) > 1
     if packed:
         # enforce_sorted=False on a deliberately unsorted batch: the diagnostics must come back in the
@@ -139,13 +140,14 @@ def _ours(setup, backend, clip_mode, clip, dtype, record=True):
         norms = flow.sequence_norms()
         if packed:
             norms = norms[..., inverse]
-    return rnn, flow, norms, {k: v.grad for k, v in rnn.named_parameters()}, xs.grad, h0s.grad
+    return (rnn, flow, norms, {k: v.grad.cpu() for k, v in rnn.named_parameters()}, xs.grad.cpu(),
+            h0s.grad.cpu())
 
 
-def _compare(setup, backend, clip_mode, clip, dtype):
+def _compare(setup, backend, clip_mode, clip, dtype, device="cpu"):
     ref_norms, ref_pgrads, ref_dx, ref_dh0 = _expected(setup, clip_mode, clip, torch.float64)
     yard = _expected(setup, clip_mode, clip, dtype) if dtype != torch.float64 else (None,) * 4
-    rnn, flow, norms, pgrads, dx, dh0 = _ours(setup, backend, clip_mode, clip, dtype)
+    rnn, flow, norms, pgrads, dx, dh0 = _ours(setup, backend, clip_mode, clip, dtype, device=device)
     assert flow.complete
     assert torch.equal(norms.isnan(), ref_norms.isnan()), "steps present differ"
     present = ~ref_norms.isnan()
@@ -180,6 +182,29 @@ def test_triton_norms_and_clipping_match_unrolled_autograd(clip_mode, clip, pack
     _compare(setup, "triton", clip_mode, clip, torch.float32)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["auto", "stepwise"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("clip_mode,clip", CLIPS)
+@pytest.mark.parametrize("packed", [False, True])
+def test_cuda_norms_and_clipping_match_unrolled_autograd(monkeypatch, kernel, dtype, clip_mode, clip, packed):
+    """The CUDA backend (an optioned backward always runs the stepwise kernels; 'auto' lets the forward
+    take the persistent kernel)."""
+    monkeypatch.setenv("RNN_FUSED_CUDA_KERNEL", kernel)
+    setup = _setup(2, True, packed, "tanh", H=37)
+    _compare(setup, "cuda", clip_mode, clip, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_forced_persistent_backward_refuses_options(monkeypatch):
+    monkeypatch.setenv("RNN_FUSED_CUDA_KERNEL", "persistent")
+    xw, w_hh, h0, _ = _op_problem(1, 8, 3, 2, False, torch.float32)
+    xw, w_hh, h0 = xw.cuda(), w_hh.cuda(), h0.cuda()
+    h_all, _ = backend_ops("cuda")[0](xw, w_hh, h0, None, "tanh")
+    with pytest.raises(RuntimeError, match="persistent backward does not implement clipping"):
+        backend_ops("cuda")[1](w_hh, h_all, h0, None, None, None, "tanh", "norm", 1.0, True)
+
+
 def _op_problem(D, H, T, B, packed, dtype, seed=3):
     torch.manual_seed(seed)
     bs = None
@@ -201,6 +226,8 @@ def _op_case_ids():
     cases = [(b, 7, 5) for b in CPU_BACKENDS] + ([("cpu", 70, 17)] if "cpu" in CPU_BACKENDS else [])
     if TRITON_ON_CPU:
         cases += [("triton", 7, 5), ("triton-step", 70, 17)]
+    if HAS_CUDA:
+        cases += [pytest.param("cuda", 7, 5, marks=pytest.mark.gpu), pytest.param("cuda", 300, 70, marks=pytest.mark.gpu)]
     return cases
 
 
@@ -223,13 +250,15 @@ def test_backward_op_options_match_reference(monkeypatch, backend, H, B, clip_mo
     ref = reference.recurrence_backward(*args, bs, "tanh", clip_mode, clip, True)
     yard = reference.recurrence_backward(*(t.to(dtype) for t in args), bs, "tanh", clip_mode, clip, True) \
         if dtype != torch.float64 else (None,) * 3
-    ours = backend_ops(backend)[1](*(t.to(dtype) for t in args), bs, "tanh", clip_mode, clip, True)
+    device = "cuda" if backend == "cuda" else "cpu"
+    ours = backend_ops(backend)[1](*(t.to(device, dtype) for t in args), bs, "tanh", clip_mode, clip, True)
+    ours = [t.cpu() for t in ours]
     assert ours[2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     for name, a, r, y in zip(["dz", "dh0", "grad_sq"], ours, ref, yard):
         assert_matches(a, r, y, name=f"{backend} {name}", precision=dtype)
     # without recording: an empty grad_sq, and the same dz
-    plain = backend_ops(backend)[1](*(t.to(dtype) for t in args), bs, "tanh", clip_mode, clip, False)
-    assert plain[2].shape == (0,) and torch.equal(plain[0], ours[0])
+    plain = backend_ops(backend)[1](*(t.to(device, dtype) for t in args), bs, "tanh", clip_mode, clip, False)
+    assert plain[2].shape == (0,) and torch.equal(plain[0].cpu(), ours[0])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON_ON_CPU else []))
