@@ -11,14 +11,16 @@
 //     h_last [D, B, H]                                   each sequence's state at its own last step
 //
 //   recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
-//                       clip_mode="none", clip=0, record_norms=False) -> (dz, dh0, grad_sq)
+//                       clip_mode="none", clip=0, record_norms=False) -> (dz, dh0, grad_norm)
 //     dh_all like h_all or None, dh_last [D, B, H] or None: gradients of the loss w.r.t. the outputs
 //     dz     like h_all   gradient w.r.t. the pre-activation z_t (= w.r.t. xw_t); BPTT:
 //                         g_t  = dh_t + W_hh^T dz_{t+1}   (+ dh_last at a sequence's last step) = dL/dh_t
 //                         dz_t = clip(g_t) * act'(z_t)
 //     dh0    [D, B, H]    gradient w.r.t. h0 (= W_hh^T dz of each sequence's first step; never clipped)
-//     grad_sq h_all's shape without H, float32 (float64 for float64 input): ||g_t[row]||^2 of every row
-//                         and direction, taken before clipping, if record_norms; else empty
+//     grad_norm h_all's shape without H, float32 (float64 for float64 input): ||g_t[row]|| of every row
+//                         and direction, taken before clipping, if record_norms; else empty. The squares are
+//                         summed in float64 (a float32 square underflows below ~1e-19: a vanishing gradient
+//                         of 1e-30 must read 1e-30, not 0), and the norm clip uses that norm.
 //   clip(g) is the identity for clip_mode "none"; "value": each element clamped to [-clip, clip];
 //   "norm": each row (one sequence, one direction) rescaled to norm <= clip, g * min(1, clip / ||g||).
 //   NaN is never hidden: a NaN element passes "value"; a row whose norm is NaN becomes all NaN under "norm". The clipped g_t is what flows on (into dz_t, W_hh^T dz_t, dW_hh), so a
@@ -141,7 +143,7 @@ BackwardOptions check_backward_options(c10::string_view clip_mode, double clip, 
   return o;
 }
 
-at::Tensor grad_sq_output(const at::Tensor& h_all, bool record_norms) {
+at::Tensor grad_norm_output(const at::Tensor& h_all, bool record_norms) {
   const auto dtype = h_all.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = h_all.options().dtype(dtype);
   if (!record_norms) return at::empty({0}, options);
@@ -177,7 +179,7 @@ TORCH_LIBRARY(rnn_fused, m) {
         "-> (Tensor h_all, Tensor h_last)");
   m.def("recurrence_backward(Tensor w_hh, Tensor h_all, Tensor h0, Tensor? dh_all, Tensor? dh_last, "
         "Tensor? batch_sizes, str activation, str clip_mode=\"none\", float clip=0., bool record_norms=False) "
-        "-> (Tensor dz, Tensor dh0, Tensor grad_sq)");
+        "-> (Tensor dz, Tensor dh0, Tensor grad_norm)");
 }
 
 }  // namespace rnn_fused

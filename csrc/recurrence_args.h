@@ -26,15 +26,15 @@ enum class ClipMode { None, Value, Norm };
 struct BackwardOptions {
   ClipMode clip_mode = ClipMode::None;
   double clip = 0;            // > 0 when clip_mode != None
-  bool record_norms = false;  // write ||g_t[row]||^2 (before clipping) to grad_sq
+  bool record_norms = false;  // write ||g_t[row]|| (before clipping) to grad_norm
 };
 
 // Checks the backward op's clip_mode / clip / record_norms arguments.
 BackwardOptions check_backward_options(c10::string_view clip_mode, double clip, bool record_norms);
 
-// The backward's third output: ||g_t[row]||^2 per row and direction, h_all's shape without H ([T, B, D]
+// The backward's third output: ||g_t[row]|| per row and direction, h_all's shape without H ([T, B, D]
 // padded, [N, D] packed) in the accumulation dtype (float32 for half types); empty when not recording.
-at::Tensor grad_sq_output(const at::Tensor& h_all, bool record_norms);
+at::Tensor grad_norm_output(const at::Tensor& h_all, bool record_norms);
 
 // One step of one direction, in the order the direction visits time.
 //   rows      : sequences alive at this step (batch rows [0, rows))

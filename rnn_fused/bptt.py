@@ -4,7 +4,7 @@ The plain path (``functional.recurrence`` without options) goes through the ops'
 (rnn_fused/ops.py), which torch.compile can trace. This path wraps the same forward and backward ops of the
 chosen backend in an ``autograd.Function`` that passes the backward op its ``clip_mode`` / ``clip`` /
 ``record_norms`` arguments (semantics in csrc/ops.cpp, reference rule in ``reference.clip_gradient``) and
-hands the recorded squared norms to a Python callback. The callback is a side effect of the backward, so
+hands the recorded norms to a Python callback. The callback is a side effect of the backward, so
 this path is for eager mode: under torch.compile it raises, and so does a double backward
 (create_graph=True), which the plain path supports.
 """
@@ -25,20 +25,20 @@ class BPTTOptions:
     """What the backward does besides BPTT.
 
     clip_mode: ``"none"``, ``"value"`` or ``"norm"``; clip: the bound (> 0 unless clip_mode is "none");
-    on_grad_sq: called during backward with ``grad_sq`` (``||dL/dh_t||^2`` per row and direction, before
+    on_grad_norm: called during backward with ``grad_norm`` (``||dL/dh_t||`` per row and direction, before
     clipping, shaped like ``h_all`` without its last dimension) or None not to record.
     """
 
     clip_mode: str = "none"
     clip: float = 0.0
-    on_grad_sq: Callable[[Tensor], None] | None = None
+    on_grad_norm: Callable[[Tensor], None] | None = None
 
     def __post_init__(self):
         reference.check_clip(self.clip_mode, self.clip)
 
     @property
     def active(self) -> bool:
-        return self.clip_mode != "none" or self.on_grad_sq is not None
+        return self.clip_mode != "none" or self.on_grad_norm is not None
 
 
 def backend_ops(backend: str):
@@ -71,10 +71,10 @@ class _RecurrenceWithOptions(torch.autograd.Function):
                                "record_grad_norms for gradient penalties")
         w_hh, h0, h_all = ctx.saved_tensors
         o = ctx.options
-        dz, dh0, grad_sq = ctx.backward_op(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation,
-                                           o.clip_mode, float(o.clip), o.on_grad_sq is not None)
-        if o.on_grad_sq is not None:
-            o.on_grad_sq(grad_sq)
+        dz, dh0, grad_norm = ctx.backward_op(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation,
+                                           o.clip_mode, float(o.clip), o.on_grad_norm is not None)
+        if o.on_grad_norm is not None:
+            o.on_grad_norm(grad_norm)
         dw_hh = ops.weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
         return dz, dw_hh, dh0, None, None, None, None
 

@@ -4,8 +4,9 @@ BPTT carries ``g_t = dL/dh_t`` backwards through time; ``g_k`` holds ``g_t`` mul
 ``dh_{j}/dh_{j-1} = diag(act'(z_j)) W_hh`` of every step in between, so its norm shrinks geometrically when
 the spectral radius of ``W_hh`` (times the typical act') is below 1 and grows when it is above 1: vanishing
 and exploding gradients. The fused backward already holds every ``g_t``; with
-``FusedRNN(..., record_grad_norms=True)`` it also writes ``||g_t||^2`` per row (csrc/ops.cpp,
-``record_norms``), which this module turns into norms and plots.
+``FusedRNN(..., record_grad_norms=True)`` it also writes ``||g_t||`` per row (csrc/ops.cpp,
+``record_norms``; squares summed in float64, so a vanishing 1e-30 reads 1e-30 in a float32 model), which this
+module collects and plots.
 
     rnn = FusedRNN(32, 64, num_layers=2, record_grad_norms=True)
     out, _ = rnn(x)
@@ -35,7 +36,7 @@ def spectral_radius(w: Tensor) -> float:
 
 
 class GradFlow:
-    """What one forward call's backward recorded: ``||dL/dh_t||^2`` of every row, layer and direction.
+    """What one forward call's backward recorded: ``||dL/dh_t||`` of every row, layer and direction.
 
     Created by ``FusedRNN.forward`` when ``record_grad_norms=True`` (``module.grad_flow``) and filled in
     when the backward reaches each layer; a second backward through the same graph overwrites it. Norms are
@@ -48,46 +49,46 @@ class GradFlow:
         self._batch_sizes = None if batch_sizes is None else batch_sizes.detach().cpu()
         self._unsorted = None if unsorted_indices is None else unsorted_indices.detach().cpu()
         self._w_hh = [w.detach().clone() for w in w_hh]  # [D, H, H] per layer, as the forward used them
-        self._grad_sq: list[Tensor | None] = [None] * num_layers
+        self._grad_norm: list[Tensor | None] = [None] * num_layers
         self._radius: Tensor | None = None
 
     def sink(self, layer: int):
-        """The callback that layer ``layer``'s backward hands its ``grad_sq`` to."""
-        def record(grad_sq: Tensor) -> None:
-            self._grad_sq[layer] = grad_sq.detach().to("cpu", torch.float64)
+        """The callback that layer ``layer``'s backward hands its ``grad_norm`` to."""
+        def record(grad_norm: Tensor) -> None:
+            self._grad_norm[layer] = grad_norm.detach().to("cpu", torch.float64)
         return record
 
     @property
     def complete(self) -> bool:
         """True once the backward has reached every layer."""
-        return all(sq is not None for sq in self._grad_sq)
+        return all(n is not None for n in self._grad_norm)
 
-    def _per_step(self, sq: Tensor) -> Tensor:
-        """[D, T, B] squared norms in the sorted batch order, NaN where a packed sequence has no step t."""
+    def _per_step(self, norms: Tensor) -> Tensor:
+        """[D, T, B] norms in the sorted batch order, NaN where a packed sequence has no step t."""
         D, T, B = self.num_directions, self.T, self.B
         if self._batch_sizes is None:
-            return sq.reshape(T, B, D).permute(2, 0, 1)
+            return norms.reshape(T, B, D).permute(2, 0, 1)
         out = torch.full((D, T, B), math.nan, dtype=torch.float64)
         sizes = self._batch_sizes
         t = torch.repeat_interleave(torch.arange(T), sizes)
         b = torch.arange(t.numel()) - (torch.cumsum(sizes, 0) - sizes)[t]
-        out[:, t, b] = sq.T
+        out[:, t, b] = norms.T
         return out
 
     def _recorded(self) -> list[Tensor | None]:
-        if not any(sq is not None for sq in self._grad_sq):
+        if not any(n is not None for n in self._grad_norm):
             raise RuntimeError("rnn_fused: no gradient norms recorded yet: call backward() through the output "
                                "of the forward call that created this GradFlow first")
-        return self._grad_sq
+        return self._grad_norm
 
     def sequence_norms(self) -> Tensor:
         """``||dL/dh_t||`` of each sequence: float64 ``[num_layers, num_directions, T, B]``, in the caller's
         batch order; NaN where a packed sequence is shorter than ``t`` and for layers the backward did not
         reach (e.g. only ``h_n`` of a lower layer was used)."""
         rows = []
-        for sq in self._recorded():
+        for norms in self._recorded():
             per = torch.full((self.num_directions, self.T, self.B), math.nan, dtype=torch.float64)
-            rows.append(per if sq is None else self._per_step(sq).sqrt())
+            rows.append(per if norms is None else self._per_step(norms))
         out = torch.stack(rows)
         if self._unsorted is not None:
             out = out[..., self._unsorted]
@@ -97,7 +98,7 @@ class GradFlow:
         """``||dL/dh_t||`` over the whole batch (the Frobenius norm of the ``[B, H]`` gradient of ``h_t``):
         float64 ``[num_layers, num_directions, T]``; NaN for layers the backward did not reach."""
         out = self.sequence_norms().square()
-        reached = torch.tensor([sq is not None for sq in self._grad_sq])
+        reached = torch.tensor([n is not None for n in self._grad_norm])
         total = out.nan_to_num(0.0).sum(-1).sqrt()
         total[~reached] = math.nan
         return total
@@ -111,7 +112,7 @@ class GradFlow:
         return self._radius
 
     def __repr__(self) -> str:
-        reached = sum(sq is not None for sq in self._grad_sq)
+        reached = sum(n is not None for n in self._grad_norm)
         return (f"GradFlow(layers={self.num_layers}, directions={self.num_directions}, T={self.T}, B={self.B}, "
                 f"recorded={reached}/{self.num_layers} layers)")
 

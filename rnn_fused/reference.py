@@ -115,8 +115,14 @@ def clip_gradient(g: Tensor, clip_mode: str, clip: float) -> Tensor:
         return g
     if clip_mode == "value":
         return g.clamp(-clip, clip)
-    norm = torch.linalg.vector_norm(g, dim=-1, keepdim=True)
-    return g * (clip / norm.clamp(min=clip))
+    norm = row_norm(g).unsqueeze(-1)
+    return g * (clip / norm.clamp(min=clip)).to(g.dtype)
+
+
+def row_norm(g: Tensor) -> Tensor:
+    """``||g||`` of each row, float64: the squares are summed in float64, so the norm of a vanishing gradient
+    (1e-30, whose float32 square is 0) is still right."""
+    return g.double().square().sum(-1).sqrt()
 
 
 def check_clip(clip_mode: str, clip: float) -> None:
@@ -129,7 +135,7 @@ def check_clip(clip_mode: str, clip: float) -> None:
 def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
                         batch_sizes: Tensor | None = None, activation: str = "tanh", clip_mode: str = "none",
                         clip: float = 0.0, record_norms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """The op boundary's backward: BPTT, written out. Returns ``(dz, dh0, grad_sq)``.
+    """The op boundary's backward: BPTT, written out. Returns ``(dz, dh0, grad_norm)``.
 
     ``carry`` is the gradient w.r.t. the state rows. It starts as ``dh_last`` (the gradient of each
     sequence's final state) and walks back through the steps in the opposite order of the forward: a step
@@ -138,7 +144,7 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     through unchanged.
 
     Options (csrc/ops.cpp states them for every backend): ``clip_mode``/``clip`` apply ``clip_gradient``
-    to ``g`` before act'; ``record_norms`` returns ``grad_sq``, ``||g||^2`` of every row before clipping, in
+    to ``g`` before act'; ``record_norms`` returns ``grad_norm``, ``||g||`` of every row before clipping, in
     h_all's shape without H (an empty tensor otherwise).
     """
     check_clip(clip_mode, clip)
@@ -148,8 +154,8 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     h_rows = _flat(h_all, packed)
     dh_rows = _flat(dh_all, packed) if dh_all is not None else torch.zeros_like(h_rows)
     dz_rows = torch.empty_like(h_rows)
-    sq_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
-    grad_sq = h_rows.new_empty(h_rows.shape[:-1], dtype=sq_dtype) if record_norms else None
+    norm_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
+    grad_norm = h_rows.new_empty(h_rows.shape[:-1], dtype=norm_dtype) if record_norms else None
     dh0 = torch.empty_like(h0)
     steps = list(_steps(batch_sizes, T, B))
     for d in range(D):
@@ -158,13 +164,13 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
             h_t = h_rows[begin:begin + rows, d]
             g = dh_rows[begin:begin + rows, d] + carry[:rows]  # dL/dh_t
             if record_norms:
-                grad_sq[begin:begin + rows, d] = g.to(sq_dtype).square().sum(-1)
+                grad_norm[begin:begin + rows, d] = row_norm(g)
             dz_t = clip_gradient(g, clip_mode, clip) * activation_grad(h_t, activation)
             dz_rows[begin:begin + rows, d] = dz_t
             carry[:rows] = dz_t @ w_hh[d]  # row form of W_hh^T dz_t
         dh0[d] = carry
-    if grad_sq is None:
-        grad_sq = h_all.new_empty(0, dtype=sq_dtype)
+    if grad_norm is None:
+        grad_norm = h_all.new_empty(0, dtype=norm_dtype)
     else:
-        grad_sq = grad_sq.reshape(h_all.shape[:-1])
-    return dz_rows.reshape(h_all.shape), dh0, grad_sq
+        grad_norm = grad_norm.reshape(h_all.shape[:-1])
+    return dz_rows.reshape(h_all.shape), dh0, grad_norm

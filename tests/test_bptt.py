@@ -235,7 +235,7 @@ def _op_case_ids():
 @pytest.mark.parametrize("clip_mode,clip", CLIPS)
 @pytest.mark.parametrize("packed", [False, True])
 def test_backward_op_options_match_reference(monkeypatch, backend, H, B, clip_mode, clip, packed):
-    """The op boundary itself: (dz, dh0, grad_sq) with options against the reference op in float64."""
+    """The op boundary itself: (dz, dh0, grad_norm) with options against the reference op in float64."""
     dtype = torch.float32 if backend.startswith("triton") else torch.float64
     if backend == "triton-step":
         from rnn_fused.triton import recurrence as K
@@ -254,11 +254,28 @@ def test_backward_op_options_match_reference(monkeypatch, backend, H, B, clip_mo
     ours = backend_ops(backend)[1](*(t.to(device, dtype) for t in args), bs, "tanh", clip_mode, clip, True)
     ours = [t.cpu() for t in ours]
     assert ours[2].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    for name, a, r, y in zip(["dz", "dh0", "grad_sq"], ours, ref, yard):
+    for name, a, r, y in zip(["dz", "dh0", "grad_norm"], ours, ref, yard):
         assert_matches(a, r, y, name=f"{backend} {name}", precision=dtype)
-    # without recording: an empty grad_sq, and the same dz
+    # without recording: an empty grad_norm, and the same dz
     plain = backend_ops(backend)[1](*(t.to(device, dtype) for t in args), bs, "tanh", clip_mode, clip, False)
     assert plain[2].shape == (0,) and torch.equal(plain[0].cpu(), ours[0])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON_ON_CPU else []) +
+                         ([pytest.param("cuda", marks=pytest.mark.gpu)] if HAS_CUDA else []))
+def test_vanishing_norms_are_recorded_not_flushed_to_zero(backend):
+    """In float32 a gradient of 1e-30 has a square of 0: the norms must be summed in float64 to read 1e-30
+    (the vanishing-gradient plots are exactly about such numbers)."""
+    device = "cuda" if backend == "cuda" else "cpu"
+    xw, w_hh, h0, _ = _op_problem(1, 6, 3, 2, False, torch.float32)
+    xw, w_hh, h0 = xw.to(device), w_hh.to(device), h0.to(device)
+    h_all, _ = backend_ops(backend)[0](xw, w_hh, h0, None, "tanh")
+    dh_all = torch.randn_like(h_all) * 1e-30
+    _, _, norms = backend_ops(backend)[1](w_hh, h_all, h0, dh_all, None, None, "tanh", "norm", 1e-32, True)
+    expected = reference.recurrence_backward(w_hh.double().cpu(), h_all.double().cpu(), h0.double().cpu(),
+                                             dh_all.double().cpu(), None, None, "tanh", "norm", 1e-32, True)[2]
+    assert (expected > 1e-31).all() and (expected < 1e-28).all()
+    torch.testing.assert_close(norms.cpu().double(), expected, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + (["triton"] if TRITON_ON_CPU else []))

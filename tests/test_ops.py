@@ -133,8 +133,8 @@ def test_empty_batch_and_zero_steps(device, backend):
                                                            None, "tanh")
     assert h_all.shape == (0, 3, 1, 4) and torch.equal(h_last, h0)
     dh_last = torch.randn_like(h0)
-    dz, dh0, grad_sq = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, dh_last, None, "tanh")
-    assert dz.shape == (0, 3, 1, 4) and torch.equal(dh0, dh_last) and grad_sq.shape == (0,)
+    dz, dh0, grad_norm = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, dh_last, None, "tanh")
+    assert dz.shape == (0, 3, 1, 4) and torch.equal(dh0, dh_last) and grad_norm.shape == (0,)
 
 
 def _bad(device, **override):

@@ -152,13 +152,13 @@ RNN_FUSED_INLINE void step_rows_hand_any(const double* w_t, int64_t H, const dou
 // carried_r is the carried gradient (rows < carried_in) or dh_last (the rows whose sequence ends here).
 // If `carry_out` is false the product is left to a GEMM by the caller. With options (csrc/ops.cpp), g_r
 // goes through dz_r first, so the row's norm is known before the clip: two passes over a row that is in L1.
-// grad_sq: ||g_r||^2 at grad_sq[r * grad_sq_stride], or null.
+// grad_norm: ||g_r|| at grad_norm[r * grad_norm_stride], or null; squares summed in double (csrc/ops.cpp).
 template <typename T>
 RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* dh, int64_t row_stride,
                                     const T* dh_last, int64_t carried_in, T* carry, T* dz, int64_t rows,
-                                    Activation act, bool carry_out, const BackwardOptions& opts, T* grad_sq,
-                                    int64_t grad_sq_stride) {
-  const bool plain = opts.clip_mode == ClipMode::None && grad_sq == nullptr;
+                                    Activation act, bool carry_out, const BackwardOptions& opts, T* grad_norm,
+                                    int64_t grad_norm_stride) {
+  const bool plain = opts.clip_mode == ClipMode::None && grad_norm == nullptr;
   const T clip = static_cast<T>(opts.clip);
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict hr = h + r * row_stride;
@@ -171,13 +171,28 @@ RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* 
         dzr[i] = g * activation_grad(hr[i], act);
       }
     } else {
-      T sq = 0;
-      for (int64_t i = 0; i < H; ++i) {
+      // ||g||^2 in double over kLanes independent partial sums: one running double sum is a chain of
+      // dependent adds (4 cycles each, not reorderable without -ffast-math) that cost ~5% of a T256 B16
+      // H128 backward; the lanes vectorise.
+      constexpr int64_t kLanes = 8;
+      double part[kLanes] = {};
+      int64_t i = 0;
+      for (; i + kLanes <= H; i += kLanes) {
+        for (int64_t k = 0; k < kLanes; ++k) {
+          const T g = (dhr ? dhr[i + k] : T(0)) + (gr ? gr[i + k] : T(0));
+          dzr[i + k] = g;
+          part[k] += static_cast<double>(g) * g;
+        }
+      }
+      for (; i < H; ++i) {
         const T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
         dzr[i] = g;
-        sq += g * g;
+        part[0] += static_cast<double>(g) * g;
       }
-      if (grad_sq) grad_sq[r * grad_sq_stride] = sq;
+      double sq = 0;
+      for (int64_t k = 0; k < kLanes; ++k) sq += part[k];
+      const double norm = std::sqrt(sq);
+      if (grad_norm) grad_norm[r * grad_norm_stride] = static_cast<T>(norm);
       if (opts.clip_mode == ClipMode::Value) {
         for (int64_t i = 0; i < H; ++i) {  // comparisons, false for NaN: NaN passes
           T g = dzr[i];
@@ -186,9 +201,9 @@ RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* 
           dzr[i] = g * activation_grad(hr[i], act);
         }
       } else {
-        const T norm = std::sqrt(sq);
         // clip / max(norm, clip), NaN-propagating: a row holding NaN becomes all NaN, as in the reference
-        const T scale = (opts.clip_mode == ClipMode::Norm && !(norm <= clip)) ? clip / norm : T(1);
+        const T scale = (opts.clip_mode == ClipMode::Norm && !(norm <= opts.clip)) ? static_cast<T>(opts.clip / norm)
+                                                                                    : T(1);
         for (int64_t i = 0; i < H; ++i) dzr[i] = scale * dzr[i] * activation_grad(hr[i], act);
       }
     }
@@ -198,18 +213,18 @@ RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* 
 
 #define RNN_FUSED_BACKWARD_ROWS_ARGS(T)                                                                  \
   const T *w, int64_t H, const T *h, const T *dh, int64_t rs, const T *dh_last, int64_t ci, T *carry, T *dz, \
-      int64_t rows, Activation act, bool co, const BackwardOptions &opts, T *grad_sq, int64_t gs
+      int64_t rows, Activation act, bool co, const BackwardOptions &opts, T *grad_norm, int64_t gs
 RNN_FUSED_MULTIVERSION void backward_rows_f32(RNN_FUSED_BACKWARD_ROWS_ARGS(float)) {
-  backward_rows<float>(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
+  backward_rows<float>(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_norm, gs);
 }
 RNN_FUSED_MULTIVERSION void backward_rows_f64(RNN_FUSED_BACKWARD_ROWS_ARGS(double)) {
-  backward_rows<double>(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
+  backward_rows<double>(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_norm, gs);
 }
 RNN_FUSED_INLINE void backward_rows_any(RNN_FUSED_BACKWARD_ROWS_ARGS(float)) {
-  backward_rows_f32(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
+  backward_rows_f32(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_norm, gs);
 }
 RNN_FUSED_INLINE void backward_rows_any(RNN_FUSED_BACKWARD_ROWS_ARGS(double)) {
-  backward_rows_f64(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_sq, gs);
+  backward_rows_f64(w, H, h, dh, rs, dh_last, ci, carry, dz, rows, act, co, opts, grad_norm, gs);
 }
 #undef RNN_FUSED_BACKWARD_ROWS_ARGS
 
@@ -294,11 +309,11 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
 
 // BPTT over one direction, visiting the forward schedule in reverse. `carry` [B, H] holds W^T dz of the
 // later step for the rows that continue; rows that start at a step hand theirs to dh0.
-// grad_sq: the [N, D] squared norms (null when not recording).
+// grad_norm: the [N, D] norms (null when not recording).
 template <typename T>
 void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionView<T>& v, const T* h_all,
                         const T* dh_all, const T* dh_last, T* carry, T* dz, T* dh0, const BackwardOptions& opts,
-                        T* grad_sq) {
+                        T* grad_norm) {
   const int64_t H = p.H, rs = v.row_stride;
   const std::vector<Step> steps = p.schedule(d);
   for (auto it = steps.rbegin(); it != steps.rend(); ++it) {
@@ -308,7 +323,7 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
     const bool blas = use_blas<T>(s.rows, H);
     // Rows [0, continuing) receive the carried gradient; rows [continuing, rows) end here and read dh_last.
     backward_rows_any(v.w, H, h_all + off, dh_t, rs, dh_last, s.continuing, carry, dz + off, s.rows,
-                      p.activation, /*carry_out=*/!blas, opts, grad_sq ? grad_sq + s.row_begin * p.D + d : nullptr,
+                      p.activation, /*carry_out=*/!blas, opts, grad_norm ? grad_norm + s.row_begin * p.D + d : nullptr,
                       p.D);
     if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, T(0));
     for (int64_t r = s.carried; r < s.rows; ++r) std::memcpy(dh0 + r * H, carry + r * H, H * sizeof(T));
@@ -367,7 +382,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
   at::Tensor dz = at::empty_like(h_all);
   at::Tensor dh0 = at::zeros_like(h0);
   at::Tensor carry = at::zeros_like(h0);  // [D, B, H]
-  at::Tensor grad_sq = grad_sq_output(h_all, record_norms);
+  at::Tensor grad_norm = grad_norm_output(h_all, record_norms);
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_backward_cpu", [&] {
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
@@ -378,11 +393,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
                                      dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr,
                                      carry.data_ptr<scalar_t>() + state, dz.data_ptr<scalar_t>(),
                                      dh0.data_ptr<scalar_t>() + state, opts,
-                                     record_norms ? grad_sq.data_ptr<scalar_t>() : nullptr);
+                                     record_norms ? grad_norm.data_ptr<scalar_t>() : nullptr);
       }
     });
   });
-  return {dz, dh0, grad_sq};
+  return {dz, dh0, grad_norm};
 }
 
 }  // namespace

@@ -3,7 +3,8 @@
 //   persistent (recurrence_persistent.cu): one cooperative launch for all T steps, W_hh on chip; taken
 //     whenever plan_persistent finds a layout whose W_hh slice and buffers fit in a CTA's shared memory
 //     and whose CTAs can all be co-resident (cudaOccupancyMaxActiveBlocksPerMultiprocessor);
-//   stepwise (recurrence_stepwise.cu): cuBLAS + a fused pointwise kernel per step, for every other size.
+//   stepwise (recurrence_stepwise.cu): cuBLAS + a fused pointwise kernel per step, for every other size,
+//     and for every backward with options (clipping, recorded norms), which the persistent kernel lacks.
 // RNN_FUSED_CUDA_KERNEL=persistent|stepwise overrides the choice (tests and benchmarks use it to reach
 // both paths; forcing persistent where it cannot run is an error that says why).
 #include "recurrence_cuda.cuh"
@@ -83,21 +84,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cuda(
   const at::Tensor dh_all = dh_all_in.has_value() ? dh_all_in->contiguous() : at::Tensor();
   const at::Tensor dh_last = dh_last_in.has_value() ? dh_last_in->contiguous() : at::Tensor();
   at::Tensor dz = at::empty_like(h_all, at::MemoryFormat::Contiguous);
-  at::Tensor grad_sq = grad_sq_output(h_all, record_norms);
+  at::Tensor grad_norm = grad_norm_output(h_all, record_norms);
   if (p.T == 0 || p.B == 0 || p.H == 0) {
     // No step: the gradient of h_last (= h0) passes straight to h0; a row of H = 0 has norm 0.
-    if (record_norms) grad_sq.zero_();
+    if (record_norms) grad_norm.zero_();
     return {dz, dh_last.defined() ? dh_last.clone() : at::zeros_like(h0_in, at::MemoryFormat::Contiguous),
-            grad_sq};
+            grad_norm};
   }
   at::Tensor dh0 = at::empty_like(h0_in, at::MemoryFormat::Contiguous);  // every row starts at some step
   const PersistentPlan plan = choose(p, h_all.scalar_type(), /*backward=*/true, with_options);
   if (plan.ok) {
     persistent_backward(plan, p, w_hh, h_all, dh_all, dh_last, dz, dh0);
   } else {
-    stepwise_backward(p, w_hh, h_all, dh_all, dh_last, dz, dh0, opts, grad_sq);
+    stepwise_backward(p, w_hh, h_all, dh_all, dh_last, dz, dh0, opts, grad_norm);
   }
-  return {dz, dh0, grad_sq};
+  return {dz, dh0, grad_norm};
 }
 
 }  // namespace

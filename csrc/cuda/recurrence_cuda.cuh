@@ -96,10 +96,10 @@ void persistent_backward(const PersistentPlan& plan, const RecurrenceProblem& p,
 void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at::Tensor& w_hh,
                       const at::Tensor& h0, at::Tensor& h_all, at::Tensor& h_last);
 
-// opts: clipping and recorded norms (csrc/ops.cpp); grad_sq [N, D] in the opmath dtype when recording.
+// opts: clipping and recorded norms (csrc/ops.cpp); grad_norm [N, D] in the opmath dtype when recording.
 void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const at::Tensor& h_all,
                        const at::Tensor& dh_all, const at::Tensor& dh_last, at::Tensor& dz, at::Tensor& dh0,
-                       const BackwardOptions& opts, at::Tensor& grad_sq);
+                       const BackwardOptions& opts, at::Tensor& grad_norm);
 
 }  // namespace cuda
 }  // namespace rnn_fused

@@ -5,7 +5,7 @@
 //             pointwise kernel h_t = act(xw_t + Z) that also writes h_last for the rows that end;
 //   backward: G = dz_{next} W (cuBLAS), then one fused pointwise kernel that writes dz_t = (dh_all_t + G or
 //             dh_last) * act'(h_t) and dh0 for the rows that started at the next visited step; with backward
-//             options (clipping, recorded norms) a row-per-block kernel instead, which also reduces ||g||^2.
+//             options (clipping, recorded norms) a row-per-block kernel instead, which also reduces ||g||.
 //             The persistent backward does not implement the options, so every optioned backward runs here.
 // Memory: Z / G are one [B, H] fp32 (fp64) scratch reused by every step; h_all / dz are read in place
 // through strided views (row stride D*H), so nothing is copied per step.
@@ -72,19 +72,20 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(
   }
 }
 
-// The same step with backward options (csrc/ops.cpp): clip-by-norm needs a row's whole ||g||^2 before any
+// The same step with backward options (csrc/ops.cpp): clip-by-norm needs a row's whole ||g|| before any
 // of its dz, so here one block owns one row (grid = max(rows, g_rows) blocks): pass 1 sums g^2 over the
-// row (block reduction through shared memory), pass 2 re-reads g (from L1/L2), clips and writes dz.
-// grad_sq (at the step's first row and direction d, row stride sq_stride = D) gets ||g||^2, or is nullptr.
+// row in double (block reduction through shared memory; a float32 square of a vanishing gradient would
+// underflow), pass 2 re-reads g (from L1/L2), clips and writes dz.
+// grad_norm (at the step's first row and direction d, row stride norm_stride = D) gets ||g||, or is nullptr.
 template <typename scalar_t, Activation kAct>
 __global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
     const scalar_t* __restrict__ h_t, const scalar_t* __restrict__ dh_t, const scalar_t* __restrict__ dh_last,
     const at::opmath_type<scalar_t>* __restrict__ g, scalar_t* __restrict__ dz_t, scalar_t* __restrict__ dh0,
     int64_t rows, int64_t continuing, int64_t g_rows, int64_t H, int64_t rs, ClipMode clip_mode,
-    at::opmath_type<scalar_t> clip, at::opmath_type<scalar_t>* __restrict__ grad_sq, int64_t sq_stride) {
+    double clip, at::opmath_type<scalar_t>* __restrict__ grad_norm, int64_t norm_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kWarps = kThreads / 32;
-  __shared__ acc_t partial[kWarps];
+  __shared__ double partial[kWarps];
   const int64_t r = blockIdx.x;
   if (r >= continuing && r < g_rows) {
     for (int64_t j = threadIdx.x; j < H; j += kThreads) dh0[r * H + j] = static_cast<scalar_t>(g[r * H + j]);
@@ -94,27 +95,28 @@ __global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
     const acc_t carry = r < continuing ? g[r * H + j] : (dh_last ? static_cast<acc_t>(dh_last[r * H + j]) : acc_t(0));
     return (dh_t ? static_cast<acc_t>(dh_t[r * rs + j]) : acc_t(0)) + carry;
   };
-  acc_t sq = 0;
+  double sq = 0;
   for (int64_t j = threadIdx.x; j < H; j += kThreads) {
-    const acc_t v = grad_at(j);
+    const double v = grad_at(j);
     sq += v * v;
   }
   for (int offset = 16; offset > 0; offset /= 2) sq += __shfl_xor_sync(0xffffffffu, sq, offset);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sq;
   __syncthreads();
-  acc_t total = 0;
+  double total = 0;
   for (int w = 0; w < kWarps; ++w) total += partial[w];  // same order in every thread: one value per row
-  if (grad_sq != nullptr && threadIdx.x == 0) grad_sq[r * sq_stride] = total;
+  const double norm = sqrt(total);
+  if (grad_norm != nullptr && threadIdx.x == 0) grad_norm[r * norm_stride] = static_cast<acc_t>(norm);
   acc_t scale = 1;
-  if (clip_mode == ClipMode::Norm) {
-    const acc_t norm = sqrt(total);
-    if (!(norm <= clip)) scale = clip / norm;  // a NaN norm makes the row NaN, as in the reference
+  if (clip_mode == ClipMode::Norm && !(norm <= clip)) {
+    scale = static_cast<acc_t>(clip / norm);  // a NaN norm makes the row NaN, as in the reference
   }
   for (int64_t j = threadIdx.x; j < H; j += kThreads) {
     acc_t v = grad_at(j);
     if (clip_mode == ClipMode::Value) {
-      v = v > clip ? clip : v;
-      v = v < -clip ? -clip : v;
+      const acc_t c = static_cast<acc_t>(clip);
+      v = v > c ? c : v;
+      v = v < -c ? -c : v;
     }
     dz_t[r * rs + j] = static_cast<scalar_t>(scale * v * activation_grad<kAct>(static_cast<acc_t>(h_t[r * rs + j])));
   }
@@ -180,7 +182,7 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
 
 void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const at::Tensor& h_all,
                        const at::Tensor& dh_all, const at::Tensor& dh_last, at::Tensor& dz, at::Tensor& dh0,
-                       const BackwardOptions& opts, at::Tensor& grad_sq) {
+                       const BackwardOptions& opts, at::Tensor& grad_norm) {
   const bool plain = opts.clip_mode == ClipMode::None && !opts.record_norms;
   const at::ScalarType acc_type = at::toOpMathType(h_all.scalar_type());
   at::Tensor g = at::empty({p.B, p.H}, h_all.options().dtype(acc_type));
@@ -213,11 +215,11 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
                 h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
                 dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs);
           } else {
-            acc_t* sq_ptr = opts.record_norms ? grad_sq.data_ptr<acc_t>() + cur.row_begin * p.D + d : nullptr;
+            acc_t* norm_ptr = opts.record_norms ? grad_norm.data_ptr<acc_t>() + cur.row_begin * p.D + d : nullptr;
             step_backward_options_kernel<scalar_t, kAct><<<std::max(cur.rows, g_rows), kThreads, 0, stream>>>(
                 h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
                 dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs, opts.clip_mode,
-                static_cast<acc_t>(opts.clip), sq_ptr, p.D);
+                opts.clip, norm_ptr, p.D);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }

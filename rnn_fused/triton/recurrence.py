@@ -110,17 +110,24 @@ CLIP_NORM: tl.constexpr = 2
 
 
 @triton.jit
-def _clip(b_g, b_sq, clip, CLIP_MODE: tl.constexpr):
-    """The in-BPTT clip of g = dL/dh_t [BLOCK_B, BLOCK] (b_sq: each row's ||g||^2 over all of H, for
-    "norm"). Written with comparisons, which are false for NaN: a NaN element passes "value" as in
+def _clip(b_g, b_norm, clip, CLIP_MODE: tl.constexpr):
+    """The in-BPTT clip of g = dL/dh_t [BLOCK_B, BLOCK] (b_norm: each row's ||g|| over all of H, float64,
+    for "norm"). Written with comparisons, which are false for NaN: a NaN element passes "value" as in
     torch.clamp, and a row whose norm is NaN becomes NaN under "norm" (clip / max(norm, clip))."""
     if CLIP_MODE == CLIP_VALUE:
         b_g = tl.where(b_g > clip, clip, b_g)
         b_g = tl.where(b_g < -clip, -clip, b_g)
     elif CLIP_MODE == CLIP_NORM:
-        b_norm = tl.sqrt(b_sq)
-        b_g = b_g * (clip / tl.where(b_norm <= clip, clip, b_norm))[:, None]
+        b_g = b_g * (clip / tl.where(b_norm <= clip, clip, b_norm)).to(tl.float32)[:, None]
     return b_g
+
+
+@triton.jit
+def _row_sq(b_g):
+    """Sum of squares of each row of an fp32 tile, in float64: a float32 square underflows below ~1e-19,
+    and a vanishing gradient of 1e-30 must be recorded as 1e-30, not 0."""
+    b_g64 = b_g.to(tl.float64)
+    return tl.sum(b_g64 * b_g64, axis=1)
 
 
 @triton.jit
@@ -177,7 +184,7 @@ def _forward_register_kernel(
     "VARLEN": lambda args: args["steps"] is not None,
     "HAS_DH_ALL": lambda args: args["dh_all"] is not None,
     "HAS_DH_LAST": lambda args: args["dh_last"] is not None,
-    "RECORD": lambda args: args["grad_sq"] is not None,
+    "RECORD": lambda args: args["grad_norm"] is not None,
 })
 @triton.jit(do_not_specialize=["T", "B", "clip"])
 def _backward_register_kernel(
@@ -187,7 +194,7 @@ def _backward_register_kernel(
     dh_last,  # [D, B, H] or None
     dz,       # [N, D, H] out
     dh0,      # [D, B, H] out
-    grad_sq,  # [N, D] fp32 out, ||dL/dh_t||^2 per row, or None
+    grad_norm,  # [N, D] fp32 out, ||dL/dh_t|| per row, or None
     steps,    # [D, T, 4] int64, or None (padded)
     T, B, D, H, clip,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, VARLEN: tl.constexpr,
@@ -218,11 +225,11 @@ def _backward_register_kernel(
             b_g += tl.load(dh_all + p_x, mask=m, other=0.0).to(tl.float32)
         b_g = tl.where(m, b_g, 0.0)  # b_g = dL/dh_t
         if RECORD or CLIP_MODE == CLIP_NORM:
-            b_sq = tl.sum(b_g * b_g, axis=1)
+            b_norm = tl.sqrt(_row_sq(b_g))
             if RECORD:
-                tl.store(grad_sq + (row_begin + o_b).to(tl.int64) * D + i_d, b_sq, mask=m_r)
+                tl.store(grad_norm + (row_begin + o_b).to(tl.int64) * D + i_d, b_norm.to(tl.float32), mask=m_r)
         if CLIP_MODE == CLIP_NORM:
-            b_g = _clip(b_g, b_sq, clip, CLIP_MODE)
+            b_g = _clip(b_g, b_norm, clip, CLIP_MODE)
         elif CLIP_MODE == CLIP_VALUE:
             b_g = _clip(b_g, None, clip, CLIP_MODE)
         b_h = tl.load(h_all + p_x, mask=m, other=0.0).to(tl.float32)
@@ -309,7 +316,7 @@ def _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, ACTI
     "VARLEN": lambda args: args["steps"] is not None,
     "HAS_DH_ALL": lambda args: args["dh_all"] is not None,
     "HAS_DH_LAST": lambda args: args["dh_last"] is not None,
-    "RECORD": lambda args: args["grad_sq"] is not None,
+    "RECORD": lambda args: args["grad_norm"] is not None,
 })
 @triton.jit(do_not_specialize=["s", "T", "B", "clip"])
 def _backward_step_kernel(
@@ -321,7 +328,7 @@ def _backward_step_kernel(
     c_dst,    # [D, B, H] fp32 out, W^T dz of this step
     dz,       # [N, D, H] out
     dh0,      # [D, B, H] out
-    grad_sq,  # [N, D] fp32 out, ||dL/dh_t||^2 per row, or None
+    grad_norm,  # [N, D] fp32 out, ||dL/dh_t|| per row, or None
     steps,    # [D, T, 4] int64, or None (padded)
     s, T, B, D, H, clip,
     ACTIVATION: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -329,7 +336,7 @@ def _backward_step_kernel(
     CLIP_MODE: tl.constexpr,
 ):
     # The K loop reads whole rows of g_t (it needs all of dz_t for W^T dz_t), so every program knows each
-    # row's ||g_t||^2 by its end; the norm clip, a per-row factor, is applied to the product afterwards.
+    # row's ||g_t|| by its end; the norm clip, a per-row factor, is applied to the product afterwards.
     i_n, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows, row_begin, carried, continuing = _step(steps, i_d, s, T, B, VARLEN)
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -340,7 +347,7 @@ def _backward_step_kernel(
     p_state = (i_d * B + o_b[:, None]).to(tl.int64) * H
     i_row = (row_begin + o_b[:, None]).to(tl.int64) * D + i_d
     b_c = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-    b_sq = tl.zeros([BLOCK_B], dtype=tl.float32)
+    b_sq = tl.zeros([BLOCK_B], dtype=tl.float64)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k[None, :] < H
@@ -348,22 +355,24 @@ def _backward_step_kernel(
                             m_r[:, None] & m_k, m_carry_r & m_k, m_end_r & m_k, ACTIVATION, HAS_DH_ALL,
                             HAS_DH_LAST)
         if RECORD or CLIP_MODE == CLIP_NORM:
-            b_sq += tl.sum(b_g * b_g, axis=1)
+            b_sq += _row_sq(b_g)
         if CLIP_MODE == CLIP_VALUE:
             b_g = _clip(b_g, None, clip, CLIP_MODE)
         # b_w[k, n] = W_hh[d, k, n]: carry = dz @ W
         p_w = w_hh + i_d.to(tl.int64) * H * H + o_k[:, None] * H + o_n[None, :]
         b_w = tl.load(p_w, mask=(o_k < H)[:, None] & m_n[None, :], other=0.0).to(tl.float32)
         b_c += tl.dot(b_g * b_ag, b_w, input_precision="ieee")
+    b_norm = tl.sqrt(b_sq)
     if CLIP_MODE == CLIP_NORM:
-        b_c = _clip(b_c, b_sq, clip, CLIP_MODE)  # W^T (s g act') = s W^T (g act'), s per row
+        b_c = _clip(b_c, b_norm, clip, CLIP_MODE)  # W^T (s g act') = s W^T (g act'), s per row
     if RECORD:
-        tl.store(grad_sq + (row_begin + o_b).to(tl.int64) * D + i_d, b_sq, mask=m_r & (i_n == 0))
+        tl.store(grad_norm + (row_begin + o_b).to(tl.int64) * D + i_d, b_norm.to(tl.float32),
+                 mask=m_r & (i_n == 0))
     m = m_r[:, None] & m_n[None, :]
     p_x = i_row * H + o_n[None, :]
     b_g, b_ag = _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state + o_n[None, :], m, m_carry_r & m_n[None, :],
                         m_end_r & m_n[None, :], ACTIVATION, HAS_DH_ALL, HAS_DH_LAST)
-    b_dz = _clip(b_g, b_sq, clip, CLIP_MODE) * b_ag
+    b_dz = _clip(b_g, b_norm, clip, CLIP_MODE) * b_ag
     tl.store(dz + p_x, b_dz.to(dz.dtype.element_ty), mask=m)
     tl.store(c_dst + p_state + o_n[None, :], b_c, mask=m)
     m_start = m & (o_b >= carried)[:, None]  # sequences that started here hand their carry to dh0
@@ -519,12 +528,12 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
         _check_like(dh_last, "dh_last", w_hh, "w_hh")
         _check_shape(dh_last, "dh_last", (D, B, H), "[D, B, H]")
     (dz, dz_buf), (dh0, dh0_buf) = _output_like(h_all), _output_like(h0)
-    sq_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
-    grad_sq = h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=sq_dtype)
+    norm_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
+    grad_norm = h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=norm_dtype)
     if T == 0 or B == 0 or H == 0:
-        return dz, (dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()), grad_sq.zero_()
+        return dz, (dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()), grad_norm.zero_()
     clip_args = dict(CLIP_MODE=("none", "value", "norm").index(clip_mode))
-    sq_arg = grad_sq if record_norms else None
+    norm_arg = grad_norm if record_norms else None
     w_hh, h_all = w_hh.contiguous(), h_all.contiguous()
     dh_all = dh_all.contiguous() if dh_all is not None else None
     dh_last = dh_last.contiguous() if dh_last is not None else None
@@ -532,7 +541,7 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
         steps = None if sizes is None else _step_table(sizes, D, h_all.device)
         if _uses_register_path(H):
             grid = (triton.cdiv(B, REGISTER_BLOCK_B), D)
-            _backward_register_kernel[grid](w_hh, h_all, dh_all, dh_last, dz_buf, dh0_buf, sq_arg, steps,
+            _backward_register_kernel[grid](w_hh, h_all, dh_all, dh_last, dz_buf, dh0_buf, norm_arg, steps,
                                             T, B, D, H, clip, ACTIVATION=activation, BLOCK_B=REGISTER_BLOCK_B,
                                             BLOCK_H=_block_h(H), num_warps=_register_warps(H), **clip_args)
         else:
@@ -542,9 +551,9 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
             grid = _step_grid(B, D, H)
             for i, s in enumerate(reversed(range(T))):
                 _backward_step_kernel[grid](w_hh, h_all, dh_all, dh_last, carry[i % 2], carry[(i + 1) % 2],
-                                            dz_buf, dh0_buf, sq_arg, steps, s, T, B, D, H, clip,
+                                            dz_buf, dh0_buf, norm_arg, steps, s, T, B, D, H, clip,
                                             ACTIVATION=activation, **clip_args)
-    return _finish(dz, dz_buf), _finish(dh0, dh0_buf), grad_sq
+    return _finish(dz, dz_buf), _finish(dh0, dh0_buf), grad_norm
 
 
 _ops.register("rnn_fused::triton_recurrence_forward", "rnn_fused::triton_recurrence_backward")
