@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU validation run: build, tests, compute-sanitizer, benchmark.
 #   export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16; bash scripts/gpu_validation.sh [STAGE...]
-# STAGE: build tests sanitize bench (default: all four). The device tool allows 10 minutes a command, so
+# STAGE: build tests sanitize bench overhead (default: all five). The device tool allows 10 minutes a command, so
 # run them over several calls within one lease, e.g. `build tests`, then `build sanitize`, then
 # `build bench` (the build is incremental: seconds when nothing changed).
 # Writes everything under $OUT/gpu-validation/ and packs it into $OUT/gpu-validation.tar.gz (the device
@@ -20,7 +20,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND, logs to $R/NAME.log, r
 }
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)"
   git rev-parse HEAD; } > "$R/environment.txt" 2>&1
-stages=${*:-build tests sanitize bench}
+stages=${*:-build tests sanitize bench overhead}
 for stage in $stages; do
   case $stage in
     build) step build 900 python3 -m pip install --no-build-isolation --no-deps -e . ;;
@@ -34,7 +34,9 @@ for stage in $stages; do
         done
       done ;;
     bench) step bench 1800 python3 -m rnn_fused.bench --preset gpu-full --out "$R/bench-gpu-full" ;;
-    *) echo "unknown stage $stage (build tests sanitize bench)"; exit 2 ;;
+    overhead) step overhead 600 python3 -m rnn_fused.bench.overhead --backend cuda --preset standard \
+                --rounds 50 --out "$R/bptt-options-cuda" ;;
+    *) echo "unknown stage $stage (build tests sanitize bench overhead)"; exit 2 ;;
   esac
 done
 tar czf "$OUT/gpu-validation.tar.gz" -C "$OUT" gpu-validation
