@@ -5,8 +5,8 @@ The plain path (``functional.recurrence`` without options) goes through the ops'
 chosen backend in an ``autograd.Function`` that passes the backward op its ``clip_mode`` / ``clip`` /
 ``record_norms`` arguments (semantics in csrc/ops.cpp, reference rule in ``reference.clip_gradient``) and
 hands the recorded norms to a Python callback. The callback is a side effect of the backward, so
-this path is for eager mode: under torch.compile it raises, and so does a double backward
-(create_graph=True), which the plain path supports.
+this path is for eager mode: torch.compile(fullgraph=True) raises; plain torch.compile graph-breaks around
+it and runs it eagerly; a double backward (create_graph=True), which the plain path supports, raises.
 """
 
 from __future__ import annotations

@@ -63,6 +63,13 @@ class GradFlow:
         """True once the backward has reached every layer."""
         return all(n is not None for n in self._grad_norm)
 
+    def _present(self) -> Tensor:
+        """[T, B] bool in the caller's batch order: whether sequence b has a step t (always, unless packed)."""
+        if self._batch_sizes is None:
+            return torch.ones(self.T, self.B, dtype=torch.bool)
+        present = torch.arange(self.B)[None, :] < self._batch_sizes[:, None]  # sorted order
+        return present if self._unsorted is None else present[:, self._unsorted]
+
     def _per_step(self, norms: Tensor) -> Tensor:
         """[D, T, B] norms in the sorted batch order, NaN where a packed sequence has no step t."""
         D, T, B = self.num_directions, self.T, self.B
@@ -83,8 +90,9 @@ class GradFlow:
 
     def sequence_norms(self) -> Tensor:
         """``||dL/dh_t||`` of each sequence: float64 ``[num_layers, num_directions, T, B]``, in the caller's
-        batch order; NaN where a packed sequence is shorter than ``t`` and for layers the backward did not
-        reach (e.g. only ``h_n`` of a lower layer was used)."""
+        batch order; NaN where a packed sequence is shorter than ``t``, for layers the backward did not reach
+        (FusedRNN's backward reaches every layer once it reaches any: a layer the loss does not use records
+        zeros), and wherever the gradient itself is NaN."""
         rows = []
         for norms in self._recorded():
             per = torch.full((self.num_directions, self.T, self.B), math.nan, dtype=torch.float64)
@@ -96,12 +104,11 @@ class GradFlow:
 
     def step_norms(self) -> Tensor:
         """``||dL/dh_t||`` over the whole batch (the Frobenius norm of the ``[B, H]`` gradient of ``h_t``):
-        float64 ``[num_layers, num_directions, T]``; NaN for layers the backward did not reach."""
-        out = self.sequence_norms().square()
-        reached = torch.tensor([n is not None for n in self._grad_norm])
-        total = out.nan_to_num(0.0).sum(-1).sqrt()
-        total[~reached] = math.nan
-        return total
+        float64 ``[num_layers, num_directions, T]``; NaN for layers the backward did not reach. A NaN or inf
+        gradient in any sequence makes its step NaN or inf: only the steps a packed sequence does not have
+        are left out of the sum."""
+        squares = self.sequence_norms().square()
+        return torch.where(self._present(), squares, 0.0).sum(-1).sqrt()
 
     @property
     def spectral_radius(self) -> Tensor:

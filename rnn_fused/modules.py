@@ -64,7 +64,8 @@ class FusedRNN(nn.RNNBase):
     ``'triton'``, ``'cpu'`` or ``'reference'`` (plain PyTorch). An explicit backend that cannot run the
     input raises ``rnn_fused.BackendUnavailableError`` saying why.
 
-    BPTT options (keyword-only; docs/bptt.md explains them; eager mode only, torch.compile refuses them):
+    BPTT options (keyword-only; docs/bptt.md explains them; they run eagerly: ``torch.compile(fullgraph=True)``
+    raises, plain ``torch.compile`` graph-breaks around the recurrence):
 
     - ``record_grad_norms``: every forward sets ``self.grad_flow``, a ``rnn_fused.diagnostics.GradFlow``
       that the backward fills with ``||dL/dh_t||`` per layer, direction and time step (before clipping).

@@ -306,8 +306,8 @@ def test_clip_bounds_every_step():
     w_hh = w_hh * 4
     h_all, _ = reference.recurrence_forward(xw, w_hh, h0_, None, "tanh")
     dh_all = torch.randn_like(h_all) * 10
-    dz, _, sq = reference.recurrence_backward(w_hh, h_all, h0_, dh_all, None, None, "tanh", "norm", 0.5, True)
-    assert (sq.sqrt() > 0.5).any() and (dz.norm(dim=-1) <= 0.5 + 1e-12).all()
+    dz, _, norms = reference.recurrence_backward(w_hh, h_all, h0_, dh_all, None, None, "tanh", "norm", 0.5, True)
+    assert (norms > 0.5).any() and (dz.norm(dim=-1) <= 0.5 + 1e-12).all()
     dz, _, _ = reference.recurrence_backward(w_hh, h_all, h0_, dh_all, None, None, "tanh", "value", 0.1, False)
     assert (dz.abs() <= 0.1 + 1e-12).all()
 
@@ -322,11 +322,13 @@ def test_no_backward_raises_and_an_unused_layer_has_zero_norms():
     norms = rnn.grad_flow.step_norms()
     assert norms.shape == (2, 1, 5) and (norms[1] == 0).all() and (norms[0] > 0).all()
     assert rnn.grad_flow.complete
-    # a later forward starts a new record
-    out, _ = rnn(x)
+    # a later forward starts a new record, which its backward fills
     first = rnn.grad_flow
+    out, _ = rnn(x)
+    second = rnn.grad_flow
+    assert second is not first and not second.complete
     out.sum().backward()
-    assert first.complete and rnn.grad_flow is first
+    assert second.complete and not torch.equal(second.step_norms(), first.step_norms())
 
 
 def test_spectral_radius():
@@ -423,3 +425,44 @@ def test_double_backward_with_bptt_options_raises_a_clear_error():
     out, _ = rnn(x)
     with pytest.raises(RuntimeError, match="do not support create_graph=True"):
         torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_step_norms_do_not_hide_nan_or_inf_but_skip_missing_packed_steps(bad):
+    setup = _setup(1, False, True, "tanh")  # packed: sequences of lengths 6, 4, 3
+    _, _, norms, _, _, _ = _ours(setup, "cpu" if "cpu" in CPU_BACKENDS else "reference", "none", None,
+                                 torch.float64)
+    assert norms[0, 0, 5].isnan().tolist() == [False, True, True]  # steps the short sequences do not have
+    module_args, params, lengths, x, h0, w_out, w_hn = setup
+    w_out = w_out.clone()
+    w_out[1, 0] = bad  # a non-finite loss weight on sequence 0 at t = 1 makes dL/dh_1 non-finite
+    rnn, flow, norms, _, _, _ = _ours((module_args, params, lengths, x, h0, w_out, w_hn), "reference", "none",
+                                      None, torch.float64)
+    steps = flow.step_norms()[0, 0]
+    assert not steps[1].isfinite() and (steps[1].isnan() if math.isnan(bad) else steps[1] == math.inf)
+    assert steps[5].isfinite()  # t = 5 exists for sequence 0 only: the others are left out, not NaN
+
+
+def test_plain_torch_compile_runs_the_options_eagerly_with_the_same_gradients():
+    def grads(module):
+        torch.manual_seed(5)
+        x = torch.randn(6, 2, 3, requires_grad=True)
+        out, _ = module(x)
+        (out ** 2).sum().backward()
+        return [x.grad] + [p.grad for p in rnn.parameters()]
+
+    rnn = FusedRNN(3, 4, backend="reference", bptt_clip=0.05)
+    eager = grads(rnn)
+    rnn.zero_grad()
+    compiled = grads(torch.compile(rnn, backend="eager"))
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_value_clip_beyond_the_dtype_range_clamps_nothing(backend):
+    setup = _setup(1, False, False, "tanh")
+    plain = _ours(setup, backend, "none", None, torch.float32, record=False)
+    huge = _ours(setup, backend, "value", 1e39, torch.float32, record=False)  # > float32 max
+    # bit for bit on the CPU kernel; the reference's plain path is torch autograd, so there only to rounding
+    same = torch.equal if backend == "cpu" else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    assert all(same(plain[3][k], huge[3][k]) for k in plain[3]) and same(plain[4], huge[4])

@@ -7,7 +7,8 @@ the same work as a binding clip) -- run interleaved: every round times one train
 gradients, as the suite's train mode) of each variant in a fresh random order, and the cost is the median
 over rounds of the per-round ratio ``variant / plain``, so slow drifts of the machine cancel. Before timing,
 each variant's gradients are checked to equal the plain ones (the options must not change them; the clip
-does not bind). Writes ``overhead.json`` (raw samples, environment, command) and prints a table.
+does not bind): bit for bit on the CPU; on CUDA to rounding, since a plain backward may take the persistent
+kernel and an optioned one always runs stepwise (that switch is part of the measured cost). Writes ``overhead.json`` (raw samples, environment, command) and prints a table.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _same(a: torch.Tensor, b: torch.Tensor, exact: bool) -> bool:
+    if exact:
+        return torch.equal(a, b)
+    scale = max(1.0, b.abs().max().item()) if b.numel() else 1.0
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+
+
 def measure_case(case, backend: str, rounds: int) -> dict:
     names = [backend, f"{backend}+norms", f"{backend}+clip"]
     providers = {p.name: p for p in make_providers(names) if p.name in names}
@@ -60,7 +68,7 @@ def measure_case(case, backend: str, rounds: int) -> dict:
     plain = calls[backend]().tensors
     for name in names[1:]:
         got = calls[name]().tensors
-        differs = [k for k in plain if not torch.equal(got[k], plain[k])]
+        differs = [k for k in plain if not _same(got[k], plain[k], exact=backend == "cpu")]
         if differs:
             return {"case_id": case.id, "status": "FAILED", "reason": f"{name} changes {differs}"}
     samples = {n: [] for n in names}

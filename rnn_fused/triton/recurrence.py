@@ -118,7 +118,11 @@ def _clip(b_g, b_norm, clip, CLIP_MODE: tl.constexpr):
         b_g = tl.where(b_g > clip, clip, b_g)
         b_g = tl.where(b_g < -clip, -clip, b_g)
     elif CLIP_MODE == CLIP_NORM:
-        b_g = b_g * (clip / tl.where(b_norm <= clip, clip, b_norm)).to(tl.float32)[:, None]
+        # `clip` arrives as fp32 (Triton types a Python float by its range), so it may be inf or 0 where the
+        # host's double was not: dividing only where norm > clip keeps inf/inf and 0/0 out.
+        b_keep = b_norm <= clip
+        b_scale = tl.where(b_keep, 1.0, clip / tl.where(b_keep, 1.0, b_norm))
+        b_g = b_g * b_scale.to(tl.float32)[:, None]
     return b_g
 
 
