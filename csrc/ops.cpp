@@ -23,8 +23,9 @@
 //                         of 1e-30 must read 1e-30, not 0), and the norm clip uses that norm.
 //   clip(g) is the identity for clip_mode "none"; "value": each element clamped to [-clip, clip];
 //   "norm": each row (one sequence, one direction) rescaled to norm <= clip, g * min(1, clip / ||g||).
-//   NaN is never hidden: a NaN element passes "value"; a row whose norm is NaN becomes all NaN under "norm". The clipped g_t is what flows on (into dz_t, W_hh^T dz_t, dW_hh), so a
-//   clip bounds every step's gradient, not only the total afterwards.
+//   NaN is never hidden: a NaN element passes "value"; a row whose norm is NaN becomes all NaN under "norm".
+//   The clipped g_t is what flows on (into dz_t, W_hh^T dz_t, dW_hh), so a clip bounds every step's
+//   gradient, not only the total afterwards.
 //   Weight gradients are big GEMMs over dz done by the caller (rnn_fused/ops.py).
 #include "recurrence_args.h"
 

@@ -27,6 +27,9 @@ struct BackwardOptions {
   ClipMode clip_mode = ClipMode::None;
   double clip = 0;            // > 0 when clip_mode != None
   bool record_norms = false;  // write ||g_t[row]|| (before clipping) to grad_norm
+
+  // Whether the backward has anything to do besides plain BPTT.
+  bool active() const { return clip_mode != ClipMode::None || record_norms; }
 };
 
 // Checks the backward op's clip_mode / clip / record_norms arguments.

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 
 def spectral_radius(w: Tensor) -> float:
@@ -43,19 +44,25 @@ class GradFlow:
     indexed by time (``t`` of ``h_t``), for both directions.
     """
 
-    def __init__(self, num_layers: int, num_directions: int, T: int, B: int, batch_sizes: Tensor | None,
-                 unsorted_indices: Tensor | None, w_hh: Sequence[Tensor]):
+    def __init__(self, num_layers: int, num_directions: int, T: int, B: int, packed: PackedSequence | None,
+                 w_hh: Sequence[Tensor]):
+        """``packed``: the forward's PackedSequence input, or None; only its batch_sizes and permutation are
+        kept (with empty data, so the input is not held alive)."""
         self.num_layers, self.num_directions, self.T, self.B = num_layers, num_directions, T, B
-        self._batch_sizes = None if batch_sizes is None else batch_sizes.detach().cpu()
-        self._unsorted = None if unsorted_indices is None else unsorted_indices.detach().cpu()
+        self._packed = None
+        if packed is not None:  # on the CPU, where the norms are read
+            self._packed = PackedSequence(torch.empty(len(packed.data), 0), packed.batch_sizes.cpu(),
+                                          *(None if i is None else i.cpu()
+                                            for i in (packed.sorted_indices, packed.unsorted_indices)))
         self._w_hh = [w.detach().clone() for w in w_hh]  # [D, H, H] per layer, as the forward used them
         self._grad_norm: list[Tensor | None] = [None] * num_layers
         self._radius: Tensor | None = None
 
     def sink(self, layer: int):
-        """The callback that layer ``layer``'s backward hands its ``grad_norm`` to."""
+        """The callback that layer ``layer``'s backward hands its ``grad_norm`` to. It only keeps the
+        tensor: copying it to the CPU here would synchronise a CUDA backward once per layer."""
         def record(grad_norm: Tensor) -> None:
-            self._grad_norm[layer] = grad_norm.detach().to("cpu", torch.float64)
+            self._grad_norm[layer] = grad_norm.detach()
         return record
 
     @property
@@ -65,22 +72,18 @@ class GradFlow:
 
     def _present(self) -> Tensor:
         """[T, B] bool in the caller's batch order: whether sequence b has a step t (always, unless packed)."""
-        if self._batch_sizes is None:
+        if self._packed is None:
             return torch.ones(self.T, self.B, dtype=torch.bool)
-        present = torch.arange(self.B)[None, :] < self._batch_sizes[:, None]  # sorted order
-        return present if self._unsorted is None else present[:, self._unsorted]
+        lengths = pad_packed_sequence(self._packed)[1]  # in the caller's order
+        return torch.arange(self.T)[:, None] < lengths[None, :]
 
     def _per_step(self, norms: Tensor) -> Tensor:
-        """[D, T, B] norms in the sorted batch order, NaN where a packed sequence has no step t."""
-        D, T, B = self.num_directions, self.T, self.B
-        if self._batch_sizes is None:
-            return norms.reshape(T, B, D).permute(2, 0, 1)
-        out = torch.full((D, T, B), math.nan, dtype=torch.float64)
-        sizes = self._batch_sizes
-        t = torch.repeat_interleave(torch.arange(T), sizes)
-        b = torch.arange(t.numel()) - (torch.cumsum(sizes, 0) - sizes)[t]
-        out[:, t, b] = norms.T
-        return out
+        """[D, T, B] float64 CPU norms in the caller's batch order, NaN where a packed sequence has no step t."""
+        norms = norms.to("cpu", torch.float64)
+        if self._packed is None:
+            return norms.reshape(self.T, self.B, self.num_directions).permute(2, 0, 1)
+        padded, _ = pad_packed_sequence(self._packed._replace(data=norms), padding_value=math.nan)  # [T, B, D]
+        return padded.permute(2, 0, 1)
 
     def _recorded(self) -> list[Tensor | None]:
         if not any(n is not None for n in self._grad_norm):
@@ -97,10 +100,7 @@ class GradFlow:
         for norms in self._recorded():
             per = torch.full((self.num_directions, self.T, self.B), math.nan, dtype=torch.float64)
             rows.append(per if norms is None else self._per_step(norms))
-        out = torch.stack(rows)
-        if self._unsorted is not None:
-            out = out[..., self._unsorted]
-        return out
+        return torch.stack(rows)
 
     def step_norms(self) -> Tensor:
         """``||dL/dh_t||`` over the whole batch (the Frobenius norm of the ``[B, H]`` gradient of ``h_t``):

@@ -204,8 +204,8 @@ class FusedRNN(nn.RNNBase):
             weights = [self._layer_weights(layer, compute_dtype) for layer in range(self.num_layers)]
             if self.record_grad_norms:
                 T = len(batch_sizes) if is_packed else data.size(0)
-                self.grad_flow = GradFlow(self.num_layers, num_directions, T, max_batch_size, batch_sizes,
-                                          unsorted_indices, [w_hh for _, w_hh, _ in weights])
+                self.grad_flow = GradFlow(self.num_layers, num_directions, T, max_batch_size,
+                                          input if is_packed else None, [w_hh for _, w_hh, _ in weights])
             for layer, (w_ih, w_hh, bias) in enumerate(weights):
                 h0 = hx[layer * num_directions:(layer + 1) * num_directions]
                 layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,

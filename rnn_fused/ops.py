@@ -22,9 +22,7 @@ def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | Non
 def fake_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
                   batch_sizes: Tensor | None, activation: str, clip_mode: str = "none", clip: float = 0.0,
                   record_norms: bool = False):
-    norm_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
-    grad_norm = h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=norm_dtype)
-    return torch.empty_like(h_all), torch.empty_like(h0), grad_norm
+    return torch.empty_like(h_all), torch.empty_like(h0), reference.empty_grad_norm(h_all, record_norms)
 
 
 def _previous_rows(batch_sizes: Tensor, direction: int):

@@ -126,6 +126,13 @@ def row_norm(g: Tensor) -> Tensor:
     return g.double().square().sum(-1).sqrt()
 
 
+def empty_grad_norm(h_all: Tensor, record_norms: bool) -> Tensor:
+    """The backward's ``grad_norm`` output, uninitialised: ``h_all``'s shape without H (empty when not
+    recording), float64 for float64 input, float32 otherwise (csrc/ops.cpp)."""
+    dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
+    return h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=dtype)
+
+
 def check_clip(clip_mode: str, clip: float) -> None:
     if clip_mode not in ("none", "value", "norm"):
         raise ValueError(f"clip_mode must be 'none', 'value' or 'norm', got {clip_mode!r}")
@@ -155,8 +162,8 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     h_rows = _flat(h_all, packed)
     dh_rows = _flat(dh_all, packed) if dh_all is not None else torch.zeros_like(h_rows)
     dz_rows = torch.empty_like(h_rows)
-    norm_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
-    grad_norm = h_rows.new_empty(h_rows.shape[:-1], dtype=norm_dtype) if record_norms else None
+    grad_norm = empty_grad_norm(h_all, record_norms)
+    norm_rows = grad_norm.view(-1, D)  # [rows, D], like h_rows
     dh0 = torch.empty_like(h0)
     steps = list(_steps(batch_sizes, T, B))
     for d in range(D):
@@ -165,13 +172,9 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
             h_t = h_rows[begin:begin + rows, d]
             g = dh_rows[begin:begin + rows, d] + carry[:rows]  # dL/dh_t
             if record_norms:
-                grad_norm[begin:begin + rows, d] = row_norm(g)
+                norm_rows[begin:begin + rows, d] = row_norm(g)
             dz_t = clip_gradient(g, clip_mode, clip) * activation_grad(h_t, activation)
             dz_rows[begin:begin + rows, d] = dz_t
             carry[:rows] = dz_t @ w_hh[d]  # row form of W_hh^T dz_t
         dh0[d] = carry
-    if grad_norm is None:
-        grad_norm = h_all.new_empty(0, dtype=norm_dtype)
-    else:
-        grad_norm = grad_norm.reshape(h_all.shape[:-1])
     return dz_rows.reshape(h_all.shape), dh0, grad_norm

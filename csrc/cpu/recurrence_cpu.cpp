@@ -158,14 +158,13 @@ RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* 
                                     const T* dh_last, int64_t carried_in, T* carry, T* dz, int64_t rows,
                                     Activation act, bool carry_out, const BackwardOptions& opts, T* grad_norm,
                                     int64_t grad_norm_stride) {
-  const bool plain = opts.clip_mode == ClipMode::None && grad_norm == nullptr;
   const T clip = static_cast<T>(opts.clip);
   for (int64_t r = 0; r < rows; ++r) {
     const T* __restrict hr = h + r * row_stride;
     const T* __restrict dhr = dh ? dh + r * row_stride : nullptr;
     const T* __restrict gr = r < carried_in ? carry + r * H : (dh_last ? dh_last + r * H : nullptr);
     T* __restrict dzr = dz + r * row_stride;
-    if (plain) {
+    if (!opts.active()) {
       for (int64_t i = 0; i < H; ++i) {
         T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
         dzr[i] = g * activation_grad(hr[i], act);

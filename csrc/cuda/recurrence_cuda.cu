@@ -77,7 +77,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cuda(
   const RecurrenceProblem p =
       check_backward_args(w_hh_in, h_all_in, h0_in, dh_all_in, dh_last_in, batch_sizes, activation);
   const BackwardOptions opts = check_backward_options(clip_mode, clip, record_norms);
-  const bool with_options = opts.clip_mode != ClipMode::None || opts.record_norms;
   check_cuda(w_hh_in, "w_hh");
   const c10::cuda::CUDAGuard guard(w_hh_in.device());
   const at::Tensor w_hh = w_hh_in.contiguous(), h_all = h_all_in.contiguous();
@@ -92,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cuda(
             grad_norm};
   }
   at::Tensor dh0 = at::empty_like(h0_in, at::MemoryFormat::Contiguous);  // every row starts at some step
-  const PersistentPlan plan = choose(p, h_all.scalar_type(), /*backward=*/true, with_options);
+  const PersistentPlan plan = choose(p, h_all.scalar_type(), /*backward=*/true, opts.active());
   if (plan.ok) {
     persistent_backward(plan, p, w_hh, h_all, dh_all, dh_last, dz, dh0);
   } else {

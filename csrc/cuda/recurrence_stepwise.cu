@@ -183,7 +183,6 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
 void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const at::Tensor& h_all,
                        const at::Tensor& dh_all, const at::Tensor& dh_last, at::Tensor& dz, at::Tensor& dh0,
                        const BackwardOptions& opts, at::Tensor& grad_norm) {
-  const bool plain = opts.clip_mode == ClipMode::None && !opts.record_norms;
   const at::ScalarType acc_type = at::toOpMathType(h_all.scalar_type());
   at::Tensor g = at::empty({p.B, p.H}, h_all.options().dtype(acc_type));
   const int64_t rs = p.D * p.H;
@@ -210,7 +209,7 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
           const scalar_t* h_ptr = h_all.data_ptr<scalar_t>() + off;
           const scalar_t* dh_ptr = dh_all.defined() ? dh_all.data_ptr<scalar_t>() + off : nullptr;
           const scalar_t* dh_last_ptr = dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr;
-          if (plain) {
+          if (!opts.active()) {
             step_backward_kernel<scalar_t, kAct><<<blocks_for(n), kThreads, 0, stream>>>(
                 h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
                 dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs);

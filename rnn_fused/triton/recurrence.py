@@ -532,8 +532,7 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
         _check_like(dh_last, "dh_last", w_hh, "w_hh")
         _check_shape(dh_last, "dh_last", (D, B, H), "[D, B, H]")
     (dz, dz_buf), (dh0, dh0_buf) = _output_like(h_all), _output_like(h0)
-    norm_dtype = torch.float64 if h_all.dtype == torch.float64 else torch.float32
-    grad_norm = h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=norm_dtype)
+    grad_norm = reference.empty_grad_norm(h_all, record_norms)
     if T == 0 or B == 0 or H == 0:
         return dz, (dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()), grad_norm.zero_()
     clip_args = dict(CLIP_MODE=("none", "value", "norm").index(clip_mode))
