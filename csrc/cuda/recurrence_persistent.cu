@@ -25,6 +25,7 @@
 // still guaranteed by launching with cudaLaunchCooperativeKernel, which fails rather than under-schedule.
 // Floor per step: one barrier (~1 us) plus one L2 round trip of h (every CTA reads rows x H values), and
 // 2*rows*H*H flops spread over the grid; the step loop never leaves the GPU.
+#include "device_primitives.cuh"
 #include "recurrence_cuda.cuh"
 
 #include <ATen/Dispatch.h>
@@ -64,15 +65,11 @@ __device__ __forceinline__ T load_cg(const T* p) {
   }
 }
 
-__device__ __forceinline__ void barrier_arrive(unsigned long long* counter) {
-  asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(counter) : "memory");
-}
+__device__ __forceinline__ void barrier_arrive(unsigned long long* counter) { red_release_gpu_add_one(counter); }
 
 __device__ __forceinline__ void barrier_wait(const unsigned long long* counter, unsigned long long target) {
-  unsigned long long seen;
-  do {
-    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(seen) : "l"(counter) : "memory");
-  } while (seen < target);
+  while (ld_acquire_gpu(counter) < target) {
+  }
 }
 
 // Grid barrier of one direction, split so the caller can prefetch between arrive and wait. Every thread
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_forward_kernel(const F
   using acc_t = at::opmath_type<scalar_t>;
   const Tiling tl = p.tiling;
   const int H = p.H, R = tl.R;
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNN_FUSED_DYNAMIC_SMEM(smem);
   acc_t* stage = reinterpret_cast<acc_t*>(smem);                      // [stage_rows, H]  h_{t-1}
   acc_t* xs = stage + tl.stage_rows * H;                               // [bs, R]          xw_t
   scalar_t* w_s = reinterpret_cast<scalar_t*>(xs + tl.bs * R);         // [R, H]           W_hh[d][j0:j0+R]
@@ -278,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(const 
   using acc_t = at::opmath_type<scalar_t>;
   const Tiling tl = p.tiling;
   const int H = p.H, R = tl.R;
-  extern __shared__ __align__(16) unsigned char smem[];
+  RNN_FUSED_DYNAMIC_SMEM(smem);
   acc_t* stage = reinterpret_cast<acc_t*>(smem);                      // [stage_rows, H]  dz_{t+1}
   acc_t* dhs = stage + tl.stage_rows * H;                              // [bs, R]          dh_all_t
   acc_t* ags = dhs + tl.bs * R;                                        // [bs, R]          act'(h_t)
@@ -426,13 +423,14 @@ PersistentPlan make_plan(Kernel* kernel, const RecurrenceProblem& p, size_t elt,
 }
 
 // Barrier counters (zeroed) followed, for packed input, by the schedule table [D, T, 4]: one int64 device
-// buffer, filled from pinned memory by one async copy on the current stream.
+// buffer, filled from pinned memory by one async copy on the current stream (`like` is on the GPU; only the
+// SIMT test harness passes CPU tensors, which cannot use pinned memory and need none).
 at::Tensor upload_schedule(const RecurrenceProblem& p, const at::Tensor& like) {
   const int64_t counter_words = p.D * kCounterStride;
   const at::TensorOptions dev_opts = like.options().dtype(at::kLong);
   if (!p.packed) return at::zeros({counter_words}, dev_opts);
   at::Tensor host = at::empty({counter_words + p.D * p.T * kStepFields},
-                              at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+                              at::TensorOptions().dtype(at::kLong).pinned_memory(like.is_cuda()));
   int64_t* h = host.data_ptr<int64_t>();
   std::fill(h, h + counter_words, int64_t(0));
   for (int64_t d = 0; d < p.D; ++d) {
@@ -464,12 +462,10 @@ StepLoop step_loop(const PersistentPlan& plan, const RecurrenceProblem& p, const
                   Tiling{plan.rows_per_cta, plan.ctas_out, plan.ctas_batch, plan.batch_per_cta, plan.stage_rows, vec}};
 }
 
-template <typename Kernel, typename Params>
-void launch_cooperative(Kernel* kernel, const PersistentPlan& plan, Params params) {
-  void* args[] = {&params};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(plan.blocks),
-                                             dim3(kThreads), args, plan.smem,
-                                             c10::cuda::getCurrentCUDAStream().stream()));
+template <typename Params>
+void launch_cooperative(void (*kernel)(Params), const PersistentPlan& plan, Params params) {
+  C10_CUDA_CHECK(launch_cooperative_kernel(kernel, dim3(plan.blocks), dim3(kThreads), plan.smem,
+                                           c10::cuda::getCurrentCUDAStream().stream(), params));
 }
 
 }  // namespace

@@ -11,11 +11,11 @@
 // through strided views (row stride D*H), so nothing is copied per step.
 // Floor: the GEMM's (W_hh read from L2/HBM once per step, 2*rows*H*H flops) plus ~3 launches per step, the
 // regime of large H where the GEMM dominates. The same schedule as the CPU backend, in the same order.
+#include "device_primitives.cuh"
 #include "recurrence_cuda.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 
 #include <algorithm>
 
@@ -122,16 +122,6 @@ __global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
   }
 }
 
-// out[rows, H] (opmath dtype) = a[rows, H] @ b[H, H]; a and b may be strided views (cuBLAS takes the
-// leading dimensions), fp16/bf16 inputs accumulate and store in fp32.
-void mm_opmath(at::Tensor out, const at::Tensor& a, const at::Tensor& b) {
-  if (a.scalar_type() == out.scalar_type()) {
-    at::mm_out(out, a, b);
-  } else {
-    at::mm_out(out, a, b, out.scalar_type());
-  }
-}
-
 // The [N, H] view of direction d of a [N, D, H] (or [T, B, D, H]) tensor: row stride D*H, no copy.
 at::Tensor direction_rows(const at::Tensor& x, const RecurrenceProblem& p, int64_t d) {
   return x.view({p.N, p.D, p.H}).select(1, d);
@@ -170,7 +160,7 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
                       h0[d].narrow(0, st.carried, st.rows - st.carried), w_t);
           }
           const int64_t off = st.row_begin * rs + d * p.H;
-          step_forward_kernel<scalar_t, kAct><<<blocks_for(st.rows * p.H), kThreads, 0, stream>>>(
+          launch_kernel(step_forward_kernel<scalar_t, kAct>, blocks_for(st.rows * p.H), kThreads, 0, stream,
               xw.data_ptr<scalar_t>() + off, z.data_ptr<acc_t>(), h_all.data_ptr<scalar_t>() + off,
               h_last.data_ptr<scalar_t>() + d * p.B * p.H, st.rows, st.continuing, p.H, rs);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -210,13 +200,13 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
           const scalar_t* dh_ptr = dh_all.defined() ? dh_all.data_ptr<scalar_t>() + off : nullptr;
           const scalar_t* dh_last_ptr = dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr;
           if (!opts.active()) {
-            step_backward_kernel<scalar_t, kAct><<<blocks_for(n), kThreads, 0, stream>>>(
+            launch_kernel(step_backward_kernel<scalar_t, kAct>, blocks_for(n), kThreads, 0, stream,
                 h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
                 dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs);
           } else {
             acc_t* norm_ptr = opts.record_norms ? grad_norm.data_ptr<acc_t>() + cur.row_begin * p.D + d : nullptr;
-            step_backward_options_kernel<scalar_t, kAct><<<std::max(cur.rows, g_rows), kThreads, 0, stream>>>(
-                h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
+            launch_kernel(step_backward_options_kernel<scalar_t, kAct>, std::max(cur.rows, g_rows), kThreads, 0,
+                stream, h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
                 dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs, opts.clip_mode,
                 opts.clip, norm_ptr, p.D);
           }
