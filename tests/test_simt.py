@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,38 @@ def test_forced_persistent_refuses_what_does_not_fit(plain_lib):
     xw, w_hh, h0, _, _, _ = cases.problem(case)
     with pytest.raises(RuntimeError, match=r"W_hh slice \(12 x 40\).*shared memory per CTA, the device allows 1024"):
         ops.recurrence_forward(xw.float(), w_hh.float(), h0.float(), None, "tanh", "persistent")
+
+
+# The emulation's own checks (tests/simt/shim_selftest.cpp): each misuse must end the process with its message.
+MISUSES = {
+    "divergent_shuffle": r"lanes of CTA 0, warp 0 reached different shuffles",
+    "exited_lane": r"a lane named in the mask has exited",
+    "misaligned_load": r"misaligned __ldcg of 16 bytes",
+    "unreachable_barrier": r"watchdog: .*\n  CTA 0: 1 spinning at the grid barrier \(ld.acquire.gpu\), 63 at __syncthreads",
+}
+# ... and what a GPU runs must run: all CTAs of a cooperative grid alive together (each waits for the
+# other), NaN-filled shared memory, and cudaErrorCooperativeLaunchTooLarge (720) for a grid too large.
+WELL_FORMED = {"grid_barrier": 0, "unwritten_shared": 0, "cooperative_too_large": 720}
+
+
+def run_selftest(lib: Path, name: str) -> subprocess.CompletedProcess:
+    code = f"import torch; torch.ops.load_library({str(lib)!r}); print(torch.ops.rnn_fused_simt.selftest({name!r}))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "SIMT_TIMEOUT_S": "3"})
+
+
+@pytest.mark.parametrize("name,message", MISUSES.items())
+def test_emulation_stops_what_a_gpu_would_hang_or_fault_on(plain_lib, name, message):
+    done = run_selftest(plain_lib, name)
+    assert done.returncode != 0, f"{name} ran to the end: {done.stdout}"
+    assert re.search(message, done.stderr), done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name,status", WELL_FORMED.items())
+def test_emulation_runs_what_a_gpu_runs(plain_lib, name, status):
+    done = run_selftest(plain_lib, name)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == str(status)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,9 @@ UNITS = {
     "kernels_stepwise": HERE / "kernels_stepwise.cpp",
     "simt_ops": HERE / "simt_ops.cpp",
 }
+# The emulation's self-tests go into the plain library only; the ThreadSanitizer build is an executable.
+EXTRA_UNITS = {"plain": {"shim_selftest": HERE / "shim_selftest.cpp"}, "asan": {},
+               "tsan": {"tsan_main": HERE / "tsan_main.cpp"}}
 INPUTS = sorted([*(ROOT / "csrc").glob("*.h"), *(ROOT / "csrc").glob("*.cpp"), *(ROOT / "csrc" / "cuda").glob("*"),
                  *HERE.glob("*.h"), *HERE.glob("*.cpp"), Path(__file__)])
 SANITIZE = {"plain": [], "asan": ["-fsanitize=address", "-fno-omit-frame-pointer"], "tsan": ["-fsanitize=thread"]}
@@ -81,9 +84,7 @@ def build(variant: str) -> Path:
         return artifact
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = _flags(variant)
-    units = dict(UNITS)
-    if variant == "tsan":
-        units["tsan_main"] = HERE / "tsan_main.cpp"
+    units = {**UNITS, **EXTRA_UNITS[variant]}
     objects = {name: out_dir / f"{name}.o" for name in units}
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         jobs = [pool.submit(_run, ["g++", *flags, "-c", str(src), "-o", str(objects[name])])

@@ -36,12 +36,14 @@ class Case:
     clip_mode: str = "none"
     clip: float = 0.0
     record_norms: bool = False
+    grads: str = "both"   # which output gradients the backward gets: "both", "all" (dh_last None), "last"
     expect: tuple = ()    # (plan field, forward value or None, backward value or None) the plan must have
 
     @property
     def name(self) -> str:
         opts = f"-{self.clip_mode}" if self.clip_mode != "none" else ""
         opts += "-norms" if self.record_norms else ""
+        opts += f"-dh-{self.grads}-only" if self.grads != "both" else ""
         return (f"{self.kernel}-{self.what}-T{self.T}B{self.B}H{self.H}D{self.D}"
                 f"{'-packed' if self.packed else ''}-{self.activation}-{DTYPE_NAMES[self.dtype]}{opts}")
 
@@ -61,8 +63,15 @@ def _stepwise(what, T, B, H, D, packed, dtypes, activation="tanh", **kw):
 # Sizes are small (a launch of 8 CTAs is 2048 OS threads) but every branch of the plan and the kernels is hit:
 # R = round_up(max(ceil(H / (sms / D)), 8), 4) outputs per CTA, the batch split only at >= 16 rows per CTA.
 CASES = [
-    # one CTA per direction (H = 8 <= R)
+    # one CTA per direction (H = 8 <= R); one step (no grid barrier at all); one sequence
     *_persistent("one-cta", 5, 3, 8, 1, False, ALL_DTYPES, expect=(("blocks", 1, 1),)),
+    *_persistent("one-step", 1, 3, 40, 2, False, [F32], sms=8),
+    *_persistent("one-sequence", 7, 1, 24, 1, False, [F32], "relu"),
+    # a backward without dh_last, and one without dh_all (the kernels' nullptr branches)
+    *_persistent("grads", 5, 3, 24, 2, True, [F32], sms=8, grads="all"),
+    *_persistent("grads", 5, 3, 24, 2, True, [F32], sms=8, grads="last"),
+    # 8 x 3 warp tiles per CTA on 8 warps: each warp loops over several tiles
+    *_persistent("tiles-per-warp", 3, 6, 64, 1, False, [F32, BF16], sms=2, expect=(("rows_per_cta", 32, 32),)),
     # H = 13 on 2 CTAs: the last CTA owns 5 of its 8 rows; 13 is no multiple of 16 bytes (scalar staging)
     *_persistent("partial-cta", 6, 3, 13, 1, False, ALL_DTYPES, "relu", expect=(("ctas_out", 2, 2),)),
     # H = 40 split over 4 CTAs of 12 rows (the last has 4), 16-byte vector staging
@@ -83,6 +92,8 @@ CASES = [
     # the stepwise path: per-step launches (CTAs one at a time), its GEMM on the CPU
     *_stepwise("padded", 5, 3, 13, 1, False, ALL_DTYPES),
     *_stepwise("grid-stride", 4, 4, 70, 1, False, [F32], "relu"),
+    *_stepwise("grads", 5, 3, 13, 2, True, [F32], grads="all"),
+    *_stepwise("grads", 5, 3, 13, 2, True, [F32], grads="last"),
     *_stepwise("packed", 6, 5, 16, 2, True, ALL_DTYPES, "relu"),
     # the backward options' kernel: one CTA per row, a block reduction in double through static __shared__
     *_stepwise("options", 5, 3, 13, 2, False, [F32, F64], clip_mode="norm", clip=0.5, record_norms=True),
@@ -146,13 +157,16 @@ def check(ops, case: Case) -> None:
     xw, w_hh, h0, bs, dh_all, dh_last = problem(case)
     opts = dict(clip_mode=case.clip_mode, clip=case.clip, record_norms=case.record_norms)
     ref = R.recurrence_forward(xw, w_hh, h0, bs, case.activation)
+
+    dh_all = dh_all if case.grads in ("both", "all") else None
+    dh_last = dh_last if case.grads in ("both", "last") else None
     ref += R.recurrence_backward(w_hh, ref[0], h0, dh_all, dh_last, bs, case.activation, **opts)
 
     def run(op_forward, op_backward, *kernel):
         args = [t.to(case.dtype) for t in (xw, w_hh, h0)]
         h_all, h_last = op_forward(*args, bs, case.activation, *kernel)
-        grads = op_backward(args[1], h_all, args[2], dh_all.to(case.dtype), dh_last.to(case.dtype), bs,
-                            case.activation, *kernel, **opts)
+        dh = [t.to(case.dtype) if t is not None else None for t in (dh_all, dh_last)]
+        grads = op_backward(args[1], h_all, args[2], *dh, bs, case.activation, *kernel, **opts)
         return (h_all, h_last, *grads)
 
     ours = run(ops.recurrence_forward, ops.recurrence_backward, case.kernel)

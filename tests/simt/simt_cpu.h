@@ -295,13 +295,15 @@ T shuffle(unsigned mask, T v, Src src_of, const char* name, const std::source_lo
     fail(std::string(name) + " at line " + std::to_string(loc.line()) + " in CTA " + std::to_string(t.block_idx.x) +
          ", warp " + std::to_string(t.warp) + ": a lane named in the mask has exited");
   }
-  const int src = src_of(t.lane);
-  if (w.site_line[src] != static_cast<int>(loc.line()) || w.site_count[src] != count) {
+  // Every lane must be at this same shuffle: comparing each lane with the next one round the warp checks all.
+  const int next = (t.lane + 1) % w.lanes;
+  if (w.site_line[next] != static_cast<int>(loc.line()) || w.site_count[next] != count) {
     fail(std::string(name) + ": lanes of CTA " + std::to_string(t.block_idx.x) + ", warp " + std::to_string(t.warp) +
          " reached different shuffles: lane " + std::to_string(t.lane) + " at line " + std::to_string(loc.line()) +
-         " (its shuffle #" + std::to_string(count) + "), lane " + std::to_string(src) + " at line " +
-         std::to_string(w.site_line[src]) + " (#" + std::to_string(w.site_count[src]) + ")");
+         " (its shuffle #" + std::to_string(count) + "), lane " + std::to_string(next) + " at line " +
+         std::to_string(w.site_line[next]) + " (#" + std::to_string(w.site_count[next]) + ")");
   }
+  const int src = src_of(t.lane);
   T out;
   std::memcpy(&out, w.slot[src], sizeof(T));
   w.bar.arrive_and_wait();  // nobody overwrites a slot before every lane has read its source
