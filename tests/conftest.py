@@ -26,6 +26,9 @@ ATOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # TF32 would make torch's own float32 numbers (the yardstick) inexact on Ampere+ GPUs.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+# PyTorch >= 2.9 rules cuDNN's RNN by its own knob, which allow_tf32 does not reach.
+if hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
+    torch.backends.cudnn.rnn.fp32_precision = "ieee"
 
 # The compiled extension is part of what is tested: if it does not load, the tests that use it fail with
 # this reason (they are never skipped).

@@ -3,6 +3,7 @@ the comparison. Timing numbers themselves are not asserted (they depend on the m
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -43,6 +44,35 @@ def test_gpu_full_grid_is_the_h100_grid():
                     assert C.Case(512, B, H, H, mode=mode, dtype=dtype, device="cuda").id in ids
             assert any(c.packed and c.dtype == dtype and c.mode == mode for c in cases)
     assert {c.dtype for c in cases} == {"float32", "bfloat16"}
+
+
+def test_gpu_quick_is_the_first_lease_grid():
+    cases = C.PRESETS["gpu-quick"].cases("cuda")
+    ids = {c.id for c in cases}
+    assert all(c.device == "cuda" and c.T == 512 for c in cases)
+    for mode in C.MODES:
+        for dtype in ("float32", "bfloat16"):
+            for B in (1, 16, 64):
+                for H in (256, 512, 1024):
+                    assert C.Case(512, B, H, H, mode=mode, dtype=dtype, device="cuda").id in ids
+        assert sum(c.packed and c.mode == mode for c in cases) == 1
+        assert sum(c.num_layers == 2 and c.bidirectional and c.mode == mode for c in cases) == 1
+    assert len(cases) == 40  # sized for a ~3-minute stage of scripts/gpu_validation.sh
+    assert not C.PRESETS["gpu-quick"].tf32
+
+
+def test_gpu_quick_times_cudnn_both_cuda_kernels_forced_and_triton():
+    providers, excluded = __import__("rnn_fused.bench.__main__", fromlist=["x"]).select_providers(
+        C.PRESETS["gpu-quick"], None)
+    assert [p.name for p in providers] == ["nn.RNN", "cuda-persistent", "cuda-stepwise", "triton"]
+    assert "cuda" in excluded and "compile" in excluded
+
+
+def test_gpu_quick_dry_run_lists_cases_and_providers_without_a_gpu(capsys):
+    assert main(["--preset", "gpu-quick", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "40 cases" in out and "providers: nn.RNN, cuda-persistent, cuda-stepwise, triton" in out
+    assert "fwd+bwd T512 B64 I1024 H1024 bf16 cuda" in out
 
 
 @pytest.mark.parametrize("name", sorted(C.PRESETS))
@@ -163,6 +193,8 @@ def test_tiny_run_writes_the_documented_json(tiny_preset, tmp_path):
     assert env["torch_threads"] == torch.get_num_threads()
     assert env["flags"]["torch.backends.cuda.matmul.allow_tf32"] is False
     assert env["flags"]["torch.backends.cudnn.allow_tf32"] is False
+    if hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):  # PyTorch >= 2.9
+        assert env["flags"]["cudnn.rnn.fp32_precision"] == "ieee"
     assert len(doc["cases"]) == 4 and {c["id"] for c in doc["cases"]} == {r["case_id"] for r in doc["results"]}
     assert [r["provider"] for r in doc["results"][:3]] == ["nn.RNN", "cpu", "reference"]
     for r in doc["results"]:
@@ -172,6 +204,7 @@ def test_tiny_run_writes_the_documented_json(tiny_preset, tmp_path):
         assert r["repeats"] == len(r["samples_ms"]) >= timing.MIN_SAMPLES
         assert r["peak_mem_bytes"] is None  # not measured on the CPU
         assert r["speedup_vs_baseline"] > 0
+        assert r["us_per_step"] == pytest.approx(r["median_ms"] * 1e3 / TINY.T)
         assert "output" in r["gate"]
     assert (out / "report.md").read_text().startswith("# rnn-fused benchmark")
     assert (out / "plots" / "speedup_vs_B-forward-float32.png").stat().st_size > 0
@@ -272,6 +305,28 @@ def test_compile_provider_skips_with_reasons():
 def test_flashrnn_and_triton_are_skipped_with_a_reason_on_the_cpu():
     assert "CUDA" in FlashRNN().unavailable(TINY)
     assert "interpreter" in P.Fused("triton").unavailable(TINY)
+
+
+def test_forced_kernel_sets_the_choice_around_the_whole_call_only(monkeypatch):
+    monkeypatch.delenv(P.KERNEL_ENV, raising=False)
+    forced = P.make_providers(["cuda-stepwise"])[1]
+    assert forced.name == "cuda-stepwise" and "stepwise" in forced.label("cuda")
+    assert "CUDA" in forced.unavailable(TINY)
+    seen = []
+    forced.wrap_call(lambda: seen.append(os.environ.get(P.KERNEL_ENV)))()
+    assert seen == ["stepwise"] and P.KERNEL_ENV not in os.environ
+    monkeypatch.setenv(P.KERNEL_ENV, "auto")
+    with pytest.raises(ValueError):
+        forced.wrap_call(lambda: (_ for _ in ()).throw(ValueError("boom")))()
+    assert os.environ[P.KERNEL_ENV] == "auto"  # restored after an exception too
+
+
+def test_forced_persistent_skips_the_plans_refusal_and_reports_other_errors():
+    persistent = P.ForcedKernel("persistent")
+    refusal = RuntimeError("rnn_fused: RNN_FUSED_CUDA_KERNEL=persistent, but the persistent kernel cannot run "
+                           "this problem (T=512, ...): the W_hh slice exceeds shared memory")
+    assert "does not fit" in persistent.first_call_failed(refusal)
+    assert persistent.first_call_failed(RuntimeError("CUDA error: an illegal memory access")) is None
 
 
 def test_mixed_lengths_span_a_quarter_to_full():

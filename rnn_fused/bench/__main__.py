@@ -66,6 +66,10 @@ def dry_run(preset, device, cases, providers, excluded, console) -> int:
         table.add_row(str(i), c.id, ",".join(c.tags))
     console.print(table)
     console.print(f"providers: {', '.join(p.name for p in providers)}")
+    t = preset.timing
+    console.print(f"timing: {t.warmup} warm-up calls, {t.min_repeats}-{t.max_repeats} samples of about "
+                  f"{t.min_time_s} s per measurement (at most {t.max_time_s} s planned); "
+                  f"TF32 {'on' if preset.tf32 else 'off (exact fp32, cudnn.rnn.fp32_precision=ieee where it exists)'}")
     for name, why in excluded.items():
         console.print(f"excluded by the preset: {name}: {why}")
     console.print(f"{len(cases)} cases")

@@ -3,8 +3,8 @@
 A *case* is one workload (shape, structure, dtype, mode) on one device; every provider is timed on it.
 A *preset* is a named grid of cases plus how hard to time them. Sweeps are built as "a base point and one
 axis varied at a time" rather than a full cross product, so each plot (speedup vs B, vs H, time per step
-vs T) has a line and the case count stays small; gpu-full additionally takes the full B x H product its
-brief asks for.
+vs T) has a line and the case count stays small; gpu-full and gpu-quick take the full B x H product their
+briefs ask for (gpu-quick a small one: it must fit one stage of the 15-minute first GPU lease).
 """
 
 from __future__ import annotations
@@ -175,6 +175,22 @@ def _gpu_full_grid(device: str) -> list[Case]:
     return _dedupe(_both_modes(cases))
 
 
+# --- gpu-quick: the first GPU lease (one device call; at most ~3 minutes on an H200 with Triton's compiles) ------
+
+GPU_QUICK_B = (1, 16, 64)
+GPU_QUICK_H = (256, 512, 1024)
+
+
+def _gpu_quick_grid(device: str) -> list[Case]:
+    cases = [Case(512, B, H, H, dtype=dtype, device=device, tags=("grid",))
+             for dtype in ("float32", "bfloat16") for B in GPU_QUICK_B for H in GPU_QUICK_H]
+    # One packed and one stacked bidirectional case at the middle of the grid, fp32: the drop-in's layouts.
+    base = Case(512, 16, 512, 512, device=device)
+    cases += [dataclasses.replace(base, packed=True, tags=("packed",)),
+              dataclasses.replace(base, num_layers=2, bidirectional=True, tags=("structure",))]
+    return _dedupe(_both_modes(cases))
+
+
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
@@ -202,6 +218,24 @@ PRESETS: dict[str, Preset] = {
         compile_budget_s=180.0,
         compile_max_steps=512,
         compile_total_budget_s=900.0,
+    ),
+    "gpu-quick": Preset(
+        name="gpu-quick",
+        description="the first GPU lease: fp32 and bf16, T=512, B in {1,16,64} x H in {256,512,1024}, one packed "
+                    "and one 2-layer bidirectional case; forward and fwd+bwd; nn.RNN, the persistent and the "
+                    "stepwise CUDA kernels (each forced), Triton",
+        device="cuda",
+        # Short measurements: every case runs 4 providers twice (modes) inside one ~3-minute stage of
+        # scripts/gpu_validation.sh; 0.1 s of samples still gives >= 5 of them on the slowest provider.
+        timing=TimingPolicy(warmup=2, min_repeats=5, max_repeats=200, min_time_s=0.1, max_time_s=0.5),
+        grid=_gpu_quick_grid,
+        exclude={"cuda": "the automatic kernel choice: timed as cuda-persistent and cuda-stepwise, each forced",
+                 "cpu": "CPU kernels: not what a GPU lease is for",
+                 "reference": "the plain PyTorch loop: launch-bound, not a contender on a GPU",
+                 "compile": "compiling the unrolled T=512 loop takes minutes per case: gpu-full's job",
+                 "flashrnn": "not installed on the lent machine",
+                 **{n: "the BPTT options' cost is measured by python -m rnn_fused.bench.overhead"
+                    for n in ("cpu+norms", "cpu+clip", "cuda+norms", "cuda+clip")}},
     ),
     "gpu-full": Preset(
         name="gpu-full",

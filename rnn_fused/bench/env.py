@@ -22,16 +22,26 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _rnn_precision():
+    """torch.backends.cudnn.rnn, whose fp32_precision (PyTorch >= 2.9) rules cuDNN's RNN apart from
+    allow_tf32 (its default is 'tf32' in some releases); None where the knob does not exist."""
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    return rnn if rnn is not None and hasattr(rnn, "fp32_precision") else None
+
+
 def pin_flags(tf32: bool, threads: int | None = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
+    rnn = _rnn_precision()
+    if rnn is not None:
+        rnn.fp32_precision = "tf32" if tf32 else "ieee"
     if threads:
         torch.set_num_threads(threads)
     return flags()
 
 
 def flags() -> dict:
-    return {
+    out = {
         "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -39,6 +49,14 @@ def flags() -> dict:
         "cudnn.benchmark": torch.backends.cudnn.benchmark,
         "cudnn.deterministic": torch.backends.cudnn.deterministic,
     }
+    # The per-backend precision knobs of PyTorch >= 2.9, where they exist ('none' = inherit the parent's).
+    knobs = {"fp32_precision": torch.backends, "cuda.matmul.fp32_precision": torch.backends.cuda.matmul,
+             "cudnn.fp32_precision": torch.backends.cudnn, "cudnn.rnn.fp32_precision": _rnn_precision(),
+             "cudnn.conv.fp32_precision": getattr(torch.backends.cudnn, "conv", None)}
+    for name, owner in knobs.items():
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            out[name] = owner.fp32_precision
+    return out
 
 
 def _cpu_model() -> str:
@@ -95,11 +113,14 @@ def environment(device: str, argv: list[str] | None = None) -> dict:
         "triton": _version("triton"),
         "flashrnn": _version("flashrnn"),
         "rnn_fused": _version("rnn-fused"),
-        "git_commit": _git("rev-parse", "HEAD"),
+        # Where .git did not travel (a lent GPU machine), scripts/gpu_validation.sh passes the commit in.
+        "git_commit": _git("rev-parse", "HEAD") or os.environ.get("RNN_FUSED_COMMIT"),
         "git_dirty": bool(status) if status is not None else None,
         "fused_rnn": fused_note or "rnn_fused.FusedRNN",
         "flags": flags(),
     }
+    if os.environ.get("RNN_FUSED_SOURCE_SHA256"):  # the tree that ran, when it may differ from the commit
+        env["source_sha256"] = os.environ["RNN_FUSED_SOURCE_SHA256"]
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",

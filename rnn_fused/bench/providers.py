@@ -8,6 +8,10 @@ weights.
 
 - ``nn.RNN``: the baseline every speedup is relative to (cuDNN on a GPU, ATen's RNN on a CPU);
 - ``cuda``, ``triton``, ``cpu``, ``reference``: ``rnn_fused.FusedRNN(backend=...)``;
+- ``cuda-persistent``, ``cuda-stepwise``: ``FusedRNN(backend='cuda')`` with one kernel family forced through
+  RNN_FUSED_CUDA_KERNEL (csrc/cuda/recurrence_cuda.cu reads it at every call), so each family is timed
+  where the automatic choice would take the other; a problem the persistent plan cannot hold is 'skipped'
+  with the plan's reason;
 - ``compile``: ``torch.compile`` of FusedRNN(backend='reference'), i.e. the reference loop compiled whole;
 - ``flashrnn``: FlashRNN's fused Elman kernel (flashrnn_adapter.py, unverified), GPU only;
 - ``cpu+norms``, ``cpu+clip``, ``cuda+norms``, ``cuda+clip``: the cost of the BPTT options (docs/bptt.md):
@@ -18,6 +22,8 @@ weights.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 
 import torch
@@ -28,10 +34,13 @@ from .cases import Case
 from .workload import DTYPES, Workload
 
 FUSED_BACKENDS = ("cuda", "triton", "cpu", "reference")
+KERNEL_ENV = "RNN_FUSED_CUDA_KERNEL"
+FORCED_KERNEL_PROVIDERS = ("cuda-persistent", "cuda-stepwise")
 # FusedRNN keyword arguments of the BPTT-option providers, by suffix
 BPTT_OPTIONS = {"norms": dict(record_grad_norms=True), "clip": dict(bptt_clip=1e30, bptt_clip_mode="norm")}
 OPTION_PROVIDERS = tuple(f"{b}+{o}" for b in ("cpu", "cuda") for o in BPTT_OPTIONS)
-ALL_PROVIDERS = ("nn.RNN",) + FUSED_BACKENDS + ("compile", "flashrnn") + OPTION_PROVIDERS
+ALL_PROVIDERS = ("nn.RNN", "cuda") + FORCED_KERNEL_PROVIDERS + ("triton", "cpu", "reference", "compile",
+                                                                 "flashrnn") + OPTION_PROVIDERS
 BASELINE = "nn.RNN"
 
 
@@ -95,6 +104,10 @@ class Provider:
     def build(self, workload: Workload):
         raise NotImplementedError
 
+    def wrap_call(self, call):
+        """The timed closure (forward, and in train mode the backward too) as this provider must run it."""
+        return call
+
     def first_call_done(self, seconds: float) -> None:
         """Told how long the first (gate) call took: compile-style providers police their budget here."""
 
@@ -156,6 +169,45 @@ class FusedWithOptions(Fused):
     def build(self, workload: Workload):
         model = _new_fused(workload.case, self.backend, workload, **self.options)
         return model, dict(model.named_parameters())
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+class ForcedKernel(Fused):
+    """FusedRNN(backend='cuda') with RNN_FUSED_CUDA_KERNEL set around the whole call: the backward runs
+    inside torch.autograd.grad, after the model returns, so the model alone cannot carry the setting."""
+
+    REFUSAL = "persistent kernel cannot run this problem"  # csrc/cuda/recurrence_cuda.cu's message
+
+    def __init__(self, kernel: str):
+        super().__init__("cuda")
+        self.name = f"cuda-{kernel}"
+        self.kernel = kernel
+
+    def label(self, device: str) -> str:
+        return f"FusedRNN(backend='cuda'), {KERNEL_ENV}={self.kernel}"
+
+    def wrap_call(self, call):
+        def forced():
+            with _environment(KERNEL_ENV, self.kernel):
+                return call()
+        return forced
+
+    def first_call_failed(self, error: BaseException) -> str | None:
+        if self.REFUSAL in str(error):
+            return f"the persistent plan does not fit: {str(error).splitlines()[0][:300]}"
+        return None
 
 
 class Compiled(Provider):
@@ -222,6 +274,7 @@ def make_providers(names=None, *, compile_budget_s: float = 120.0, compile_max_s
         raise ValueError(f"unknown provider(s) {unknown}; choose from {ALL_PROVIDERS}")
     table = {"nn.RNN": TorchRNN, "compile": lambda: Compiled(compile_budget_s, compile_max_steps, compile_total_budget_s),
              "flashrnn": FlashRNN, **{b: (lambda b=b: Fused(b)) for b in FUSED_BACKENDS},
+             **{n: (lambda n=n: ForcedKernel(n.split("-", 1)[1])) for n in FORCED_KERNEL_PROVIDERS},
              **{n: (lambda n=n: FusedWithOptions(*n.split("+"))) for n in OPTION_PROVIDERS}}
     ordered = [BASELINE] + [n for n in ALL_PROVIDERS if n in names and n != BASELINE]
     return [table[n]() for n in ordered]
@@ -235,5 +288,5 @@ def timed_first_call(call):
     return result, time.perf_counter() - t0
 
 
-__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "Fused", "FusedWithOptions", "Provider", "ShimRNN", "TorchRNN",
-           "fused_rnn_class", "make_providers", "timed_first_call"]
+__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "ForcedKernel", "Fused", "FusedWithOptions", "Provider", "ShimRNN",
+           "TorchRNN", "fused_rnn_class", "make_providers", "timed_first_call"]

@@ -6,10 +6,12 @@ The JSON is the source of truth (--compare reads it; the markdown and plots are 
     {"schema", "preset": {settings}, "environment": {...}, "wall_time_s", "interrupted",
      "cases": [{id, T, B, I, H, mode, num_layers, bidirectional, dtype, packed, nonlinearity, device, tags}],
      "results": [{case_id, provider, label, status, reason, median_ms, p20_ms, p80_ms, min_ms, mean_ms,
-                  repeats, samples_ms, first_call_s, peak_mem_bytes, gate, speedup_vs_baseline}]}
+                  repeats, samples_ms, first_call_s, peak_mem_bytes, gate, speedup_vs_baseline, us_per_step}]}
 
 status: ok | FAILED (wrong numbers: not timed) | error (raised) | skipped (cannot run here; reason says why).
 speedup_vs_baseline = nn.RNN's median / this provider's median on the same case (> 1: faster than nn.RNN).
+us_per_step = the median in microseconds / the case's T (the longest sequence when packed): the number the
+per-step floors (benchmarks/barrier_floor.cu) are judged against.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ from .providers import BASELINE
 
 SCHEMA = "rnn-fused-bench/1"
 REQUIRED_RESULT_KEYS = ("case_id", "provider", "label", "status", "reason", "median_ms", "p20_ms", "p80_ms",
-                        "repeats", "first_call_s", "peak_mem_bytes", "gate", "speedup_vs_baseline")
+                        "repeats", "first_call_s", "peak_mem_bytes", "gate", "speedup_vs_baseline", "us_per_step")
 
 
 def build_document(preset: dict, environment: dict, cases, rows, wall_time_s: float, interrupted: bool) -> dict:
     results = [r.to_json() for r in rows]
     add_speedups(results)
+    steps = {c.id: c.T for c in cases}
+    for r in results:
+        T = steps[r["case_id"]]
+        r["us_per_step"] = r["median_ms"] * 1e3 / T if r["median_ms"] and T else None
     return {"schema": SCHEMA, "preset": preset, "environment": environment, "wall_time_s": round(wall_time_s, 2),
             "interrupted": interrupted, "cases": [c.to_json() for c in cases], "results": results}
 
@@ -56,6 +62,10 @@ def _ms(v) -> str:
     return "" if v is None else (f"{v:.3f}" if v < 10 else f"{v:.1f}")
 
 
+def _us(v) -> str:
+    return "" if v is None else (f"{v:.2f}" if v < 100 else f"{v:.0f}")
+
+
 def _speedup(v) -> str:
     return "" if v is None else f"{v:.2f}x"
 
@@ -68,8 +78,8 @@ def rich_table(doc: dict, show_skipped: bool = False) -> Table:
     table = Table(title=f"rnn-fused benchmark: preset {doc['preset']['name']} on "
                         f"{doc['environment']['device_name']} ({doc['environment']['torch_threads']} threads)")
     for col, kw in (("case", {}), ("provider", {}), ("median ms", {"justify": "right"}),
-                    ("p20-p80 ms", {"justify": "right"}), ("speedup vs nn.RNN", {"justify": "right"}),
-                    ("status", {})):
+                    ("p20-p80 ms", {"justify": "right"}), ("us/step", {"justify": "right"}),
+                    ("speedup vs nn.RNN", {"justify": "right"}), ("status", {})):
         table.add_column(col, **kw)
     last_case = None
     for r in doc["results"]:
@@ -86,7 +96,7 @@ def rich_table(doc: dict, show_skipped: bool = False) -> Table:
         if r["status"] in ("FAILED", "error"):
             status = f"[bold red]{status}[/] {r['reason'][:80]}"
         table.add_row(r["case_id"] if r["case_id"] != last_case else "", r["provider"], _ms(r["median_ms"]),
-                      spread, sp_text, status)
+                      spread, _us(r.get("us_per_step")), sp_text, status)
         last_case = r["case_id"]
     return table
 
@@ -123,8 +133,8 @@ def markdown(doc: dict, plot_files: list[str] = ()) -> str:
                   f"nn.RNN before being timed (see benchmarks/NOTES.md, \"Benchmark method\"). "
                   f"Wall time {doc['wall_time_s']:.0f} s" + (" (interrupted)." if doc["interrupted"] else "."),
               "", "## Results", "",
-              "| case | provider | median ms | p20-p80 ms | speedup vs nn.RNN | peak MiB | status |",
-              "|---|---|---:|---:|---:|---:|---|"]
+              "| case | provider | median ms | p20-p80 ms | us/step | speedup vs nn.RNN | peak MiB | status |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in doc["results"]:
         if r["status"] == "skipped":
             continue
@@ -132,7 +142,8 @@ def markdown(doc: dict, plot_files: list[str] = ()) -> str:
         mem = "" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**: {r['reason']}"
         lines.append(f"| {r['case_id']} | {r['provider']} | {_ms(r['median_ms'])} | {spread} | "
-                     f"{_speedup(r['speedup_vs_baseline'])} | {mem} | {status.replace('|', '/')} |")
+                     f"{_us(r.get('us_per_step'))} | {_speedup(r['speedup_vs_baseline'])} | {mem} | "
+                     f"{status.replace('|', '/')} |")
     skipped = {}
     for r in doc["results"]:
         if r["status"] == "skipped":

@@ -59,7 +59,7 @@ def run_provider(provider: Provider, wl: workload_mod.Workload, yard: gate.Yards
         return row
     try:
         model, params = provider.build(wl)
-        call = workload_mod.make_call(wl, model, params, case.mode)
+        call = provider.wrap_call(workload_mod.make_call(wl, model, params, case.mode))
         try:
             result, row.first_call_s = timed_first_call(call)
         except Exception as error:  # noqa: BLE001 (any failure of a provider is reported, never fatal)
