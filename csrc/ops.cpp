@@ -15,7 +15,8 @@
 //     dh_all like h_all or None, dh_last [D, B, H] or None: gradients of the loss w.r.t. the outputs
 //     dz     like h_all   gradient w.r.t. the pre-activation z_t (= w.r.t. xw_t); BPTT:
 //                         g_t  = dh_t + W_hh^T dz_{t+1}   (+ dh_last at a sequence's last step) = dL/dh_t
-//                         dz_t = clip(g_t) * act'(z_t)
+//                         dz_t = clip(g_t) * act'(z_t)   (for relu a select: 0 where h_t <= 0, as torch's relu
+//                                 backward, so an inf or NaN g_t at a unit that is off gives 0, not NaN)
 //     dh0    [D, B, H]    gradient w.r.t. h0 (= W_hh^T dz of each sequence's first step; never clipped)
 //     grad_norm h_all's shape without H, float32 (float64 for float64 input): ||g_t[row]|| of every row
 //                         and direction, taken before clipping, if record_norms; else empty. The squares are

@@ -45,9 +45,13 @@ def activation_fn(activation: str):
     raise ValueError(f"activation must be 'tanh' or 'relu', got {activation!r}")
 
 
-def activation_grad(h: Tensor, activation: str) -> Tensor:
-    """act'(z) expressed through h = act(z): the backward needs only the stored hidden states."""
-    return 1 - h * h if activation == "tanh" else (h <= 0).logical_not().to(h.dtype)  # NaN -> 1, as torch.relu's backward
+def activation_backward(g: Tensor, h: Tensor, activation: str) -> Tensor:
+    """``g * act'(z)``, written through ``h = act(z)`` (the backward needs only the stored hidden states):
+    ``g * (1 - h^2)`` for tanh; for relu a select, ``0 where h <= 0 else g``, as torch's relu backward, so
+    an inf or NaN gradient at a unit that is off gives 0 (a product would give inf * 0 = NaN); NaN h passes g."""
+    if activation == "tanh":
+        return g * (1 - h * h)
+    return torch.where(h <= 0, torch.zeros_like(g), g)
 
 
 def textbook_rnn(x: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor, h0: Tensor,
@@ -173,7 +177,7 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
             g = dh_rows[begin:begin + rows, d] + carry[:rows]  # dL/dh_t
             if record_norms:
                 norm_rows[begin:begin + rows, d] = row_norm(g)
-            dz_t = clip_gradient(g, clip_mode, clip) * activation_grad(h_t, activation)
+            dz_t = activation_backward(clip_gradient(g, clip_mode, clip), h_t, activation)
             dz_rows[begin:begin + rows, d] = dz_t
             carry[:rows] = dz_t @ w_hh[d]  # row form of W_hh^T dz_t
         dh0[d] = carry

@@ -69,6 +69,51 @@ def _random_problem(D, packed, dtype, device, H=6, seed=0):
     return xw, w_hh, h0, batch_sizes
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"] + (["cuda"] if HAS_CUDA else []))
+def test_relu_gradient_at_a_unit_that_is_off_is_zero_like_nn_rnn(backend):
+    """An inf gradient arriving at a relu unit that is off gives 0 there, as nn.RNN's relu backward (a select);
+    a product g * act' would give inf * 0 = NaN and spread it through every gradient."""
+    device = "cuda" if backend in ("cuda", "triton") and HAS_CUDA else "cpu"
+    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device(device), torch.float32):
+        pytest.skip(rnn_fused.backends.unavailable_reason("triton", torch.device(device), torch.float32))
+    torch.manual_seed(0)
+    T, B, I, H = 4, 3, 3, 6
+    rnn = torch.nn.RNN(I, H, nonlinearity="relu", device=device)
+    x, h0 = torch.randn(T, B, I, device=device), torch.randn(1, B, H, device=device)
+    d_out = torch.randn(T, B, H, device=device)
+    with torch.no_grad():
+        off = rnn(x, h0)[0] == 0
+    assert off.any() and (~off).any()
+    d_out[off] = float("inf")
+
+    def grads(impl):
+        params = [p.detach().clone().requires_grad_() for p in rnn.parameters()]
+        xs, hs = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        if impl == "nn.RNN":
+            names = [n for n, _ in rnn.named_parameters()]
+            out, h_n = torch.func.functional_call(rnn, dict(zip(names, params)), (xs, hs))
+        else:
+            w_ih, w_hh, b_ih, b_hh = (p.unsqueeze(0) for p in params)
+            out, h_n = rnn_layer(xs, w_ih, w_hh, b_ih, b_hh, hs, activation="relu", backend=impl)
+        out.backward(d_out)
+        return [xs.grad, hs.grad] + [p.grad for p in params]
+
+    expected = grads("nn.RNN")
+    assert all(torch.isfinite(g).all() for g in expected)
+    for name, ours, theirs in zip(["d input", "d h0", "d weight_ih", "d weight_hh", "d bias_ih", "d bias_hh"],
+                                  grads(backend), expected):
+        assert torch.isfinite(ours).all(), f"{backend} {name}: {ours}"
+        torch.testing.assert_close(ours, theirs, msg=f"{backend} {name}")
+
+
+def test_reference_relu_backward_selects():
+    """The reference's own BPTT (the double-backward path and every kernel test's yardstick) selects too."""
+    xw, w_hh, h0 = torch.tensor([[[[-1.0, 1.0]]]]), torch.zeros(1, 2, 2), torch.zeros(1, 1, 2)
+    h_all, _ = R.recurrence_forward(xw, w_hh, h0, None, "relu")
+    dz, dh0, _ = R.recurrence_backward(w_hh, h_all, h0, torch.tensor([[[[float("inf"), 2.0]]]]), None, None, "relu")
+    assert dz.flatten().tolist() == [0.0, 2.0] and torch.isfinite(dh0).all()
+
+
 @pytest.mark.parametrize("device,backend", COMPILED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("packed", [False, True])

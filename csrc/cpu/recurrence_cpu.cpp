@@ -81,10 +81,12 @@ RNN_FUSED_INLINE T activate(T z, Activation act) {
   return act == Activation::Tanh ? tanh_fast(z) : std::max(z, T(0));
 }
 
-// act'(z) written in terms of h = act(z), so the backward needs only h_all.
+// g * act'(z) written in terms of h = act(z), so the backward needs only h_all. For relu a select, as torch's
+// relu backward: an inf or NaN g at a unit that is off gives 0 (a product would give inf * 0 = NaN); NaN h
+// passes g.
 template <typename T>
-RNN_FUSED_INLINE T activation_grad(T h, Activation act) {
-  return act == Activation::Tanh ? T(1) - h * h : (h <= T(0) ? T(0) : T(1));  // NaN -> 1, as torch's relu backward
+RNN_FUSED_INLINE T activation_backward(T g, T h, Activation act) {
+  return act == Activation::Tanh ? g * (T(1) - h * h) : (h <= T(0) ? T(0) : g);
 }
 
 // ---- the hand-written step ------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* 
     if (!opts.active()) {
       for (int64_t i = 0; i < H; ++i) {
         T g = (dhr ? dhr[i] : T(0)) + (gr ? gr[i] : T(0));
-        dzr[i] = g * activation_grad(hr[i], act);
+        dzr[i] = activation_backward(g, hr[i], act);
       }
     } else {
       // ||g||^2 in double over kLanes independent partial sums: one running double sum is a chain of
@@ -197,13 +199,13 @@ RNN_FUSED_INLINE void backward_rows(const T* w, int64_t H, const T* h, const T* 
           T g = dzr[i];
           g = g > clip ? clip : g;
           g = g < -clip ? -clip : g;
-          dzr[i] = g * activation_grad(hr[i], act);
+          dzr[i] = activation_backward(g, hr[i], act);
         }
       } else {
         // clip / max(norm, clip), NaN-propagating: a row holding NaN becomes all NaN, as in the reference
         const T scale = (opts.clip_mode == ClipMode::Norm && !(norm <= opts.clip)) ? static_cast<T>(opts.clip / norm)
                                                                                     : T(1);
-        for (int64_t i = 0; i < H; ++i) dzr[i] = scale * dzr[i] * activation_grad(hr[i], act);
+        for (int64_t i = 0; i < H; ++i) dzr[i] = activation_backward(scale * dzr[i], hr[i], act);
       }
     }
     if (carry_out) row_times_matrix<T, false>(w, H, dzr, nullptr, carry + r * H, act);

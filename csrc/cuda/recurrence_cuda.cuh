@@ -50,6 +50,17 @@ __device__ __forceinline__ acc_t activation_grad(acc_t h) {
   }
 }
 
+// g * act'(z), given ag = activation_grad(h): for relu a select, as torch's relu backward, so that an inf or
+// NaN g at a unit that is off gives 0 (a product would give inf * 0 = NaN).
+template <Activation kAct, typename acc_t>
+__device__ __forceinline__ acc_t times_activation_grad(acc_t g, acc_t ag) {
+  if constexpr (kAct == Activation::Tanh) {
+    return g * ag;
+  } else {
+    return ag == acc_t(0) ? acc_t(0) : g;
+  }
+}
+
 // One visited step of one direction (the `Step` of recurrence_args.h without its time, which row_begin
 // already encodes). Packed input: the host schedule, uploaded once per call as int64 [D, T, 4] =
 // {rows, row_begin, carried, continuing}. Padded input: computed here, so no table is uploaded.

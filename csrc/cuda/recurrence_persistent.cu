@@ -330,7 +330,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(const 
           const int r = b0 + c0 + rr, lr = c0 + rr;
           if (r < cur.continuing) {
             p.dz[(cur.row_begin + r) * rs + dcol + j0 + jj] =
-                static_cast<scalar_t>((dhs[lr * R + jj] + carry) * ags[lr * R + jj]);
+                static_cast<scalar_t>(times_activation_grad<kAct>(dhs[lr * R + jj] + carry, ags[lr * R + jj]));
           } else {
             p.dh0[(dcol * p.B + static_cast<int64_t>(r) * H) + j0 + jj] = static_cast<scalar_t>(carry);
           }
@@ -346,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, 1) persistent_backward_kernel(const 
         const acc_t g = p.dh_last != nullptr ? static_cast<acc_t>(p.dh_last[(dcol * p.B + r * H) + j0 + jj])
                                              : acc_t(0);
         p.dz[(cur.row_begin + r) * rs + dcol + j0 + jj] =
-            static_cast<scalar_t>((dhs[lr * R + jj] + g) * ags[lr * R + jj]);
+            static_cast<scalar_t>(times_activation_grad<kAct>(dhs[lr * R + jj] + g, ags[lr * R + jj]));
       }
     }
     if (u < p.T) {

@@ -66,7 +66,8 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(
       const int64_t off = r * rs + j;
       const acc_t carry = r < continuing ? g[idx] : (dh_last ? static_cast<acc_t>(dh_last[idx]) : acc_t(0));
       const acc_t dh = dh_t ? static_cast<acc_t>(dh_t[off]) : acc_t(0);
-      dz_t[off] = static_cast<scalar_t>((dh + carry) * activation_grad<kAct>(static_cast<acc_t>(h_t[off])));
+      dz_t[off] = static_cast<scalar_t>(
+          times_activation_grad<kAct>(dh + carry, activation_grad<kAct>(static_cast<acc_t>(h_t[off]))));
     }
     if (r >= continuing && r < g_rows) dh0[idx] = static_cast<scalar_t>(g[idx]);
   }
@@ -118,7 +119,8 @@ __global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
       v = v > c ? c : v;
       v = v < -c ? -c : v;
     }
-    dz_t[r * rs + j] = static_cast<scalar_t>(scale * v * activation_grad<kAct>(static_cast<acc_t>(h_t[r * rs + j])));
+    dz_t[r * rs + j] = static_cast<scalar_t>(
+        times_activation_grad<kAct>(scale * v, activation_grad<kAct>(static_cast<acc_t>(h_t[r * rs + j]))));
   }
 }
 

@@ -95,12 +95,13 @@ def _activate(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _activation_grad(h, ACTIVATION: tl.constexpr):
-    # act'(z) through h = act(z), so the backward needs only h_all.
+def _activation_backward(g, h, ACTIVATION: tl.constexpr):
+    # g * act'(z) through h = act(z), so the backward needs only h_all. For relu a select, as torch's relu
+    # backward: an inf or NaN g at a unit that is off gives 0 (a product would give NaN); NaN h passes g.
     if ACTIVATION == "tanh":
-        return 1.0 - h * h
+        return g * (1.0 - h * h)
     else:
-        return tl.where(h <= 0.0, 0.0, 1.0)  # NaN -> 1, as torch's relu backward
+        return tl.where(h <= 0.0, 0.0, g)
 
 
 # CLIP_MODE values: the op's clip_mode "none" / "value" / "norm" (csrc/ops.cpp states the rule).
@@ -237,7 +238,7 @@ def _backward_register_kernel(
         elif CLIP_MODE == CLIP_VALUE:
             b_g = _clip(b_g, None, clip, CLIP_MODE)
         b_h = tl.load(h_all + p_x, mask=m, other=0.0).to(tl.float32)
-        b_dz = b_g * _activation_grad(b_h, ACTIVATION)
+        b_dz = _activation_backward(b_g, b_h, ACTIVATION)
         tl.store(dz + p_x, b_dz.to(dz.dtype.element_ty), mask=m)
         b_c = tl.where(m_r[:, None], tl.dot(b_dz, b_w, input_precision="ieee"), b_c)
     tl.store(dh0 + p_state, b_c.to(dh0.dtype.element_ty), mask=m_state)
@@ -302,9 +303,9 @@ def _forward_step_kernel(
 
 
 @triton.jit
-def _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, ACTIVATION: tl.constexpr,
-            HAS_DH_ALL: tl.constexpr, HAS_DH_LAST: tl.constexpr):
-    """(g, act'(h_t)) on one tile: g = dL/dh_t = dh_t + the carry (continuing rows) or dh_last (ending
+def _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, HAS_DH_ALL: tl.constexpr,
+            HAS_DH_LAST: tl.constexpr):
+    """(g, h_t) on one tile: g = dL/dh_t = dh_t + the carry (continuing rows) or dh_last (ending
     rows); zero outside the mask."""
     b_g = tl.load(c_src + p_state, mask=m_carry, other=0.0)
     if HAS_DH_LAST:
@@ -312,7 +313,7 @@ def _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state, m, m_carry, m_end, ACTI
     if HAS_DH_ALL:
         b_g += tl.load(dh_all + p_x, mask=m, other=0.0).to(tl.float32)
     b_h = tl.load(h_all + p_x, mask=m, other=0.0).to(tl.float32)
-    return tl.where(m, b_g, 0.0), _activation_grad(b_h, ACTIVATION)
+    return tl.where(m, b_g, 0.0), b_h
 
 
 @triton.autotune(configs=_step_configs(), key=["H", "B"])
@@ -355,9 +356,8 @@ def _backward_step_kernel(
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k[None, :] < H
-        b_g, b_ag = _g_tile(h_all, dh_all, dh_last, c_src, i_row * H + o_k[None, :], p_state + o_k[None, :],
-                            m_r[:, None] & m_k, m_carry_r & m_k, m_end_r & m_k, ACTIVATION, HAS_DH_ALL,
-                            HAS_DH_LAST)
+        b_g, b_h = _g_tile(h_all, dh_all, dh_last, c_src, i_row * H + o_k[None, :], p_state + o_k[None, :],
+                           m_r[:, None] & m_k, m_carry_r & m_k, m_end_r & m_k, HAS_DH_ALL, HAS_DH_LAST)
         if RECORD or CLIP_MODE == CLIP_NORM:
             b_sq += _row_sq(b_g)
         if CLIP_MODE == CLIP_VALUE:
@@ -365,7 +365,7 @@ def _backward_step_kernel(
         # b_w[k, n] = W_hh[d, k, n]: carry = dz @ W
         p_w = w_hh + i_d.to(tl.int64) * H * H + o_k[:, None] * H + o_n[None, :]
         b_w = tl.load(p_w, mask=(o_k < H)[:, None] & m_n[None, :], other=0.0).to(tl.float32)
-        b_c += tl.dot(b_g * b_ag, b_w, input_precision="ieee")
+        b_c += tl.dot(_activation_backward(b_g, b_h, ACTIVATION), b_w, input_precision="ieee")
     b_norm = tl.sqrt(b_sq)
     if CLIP_MODE == CLIP_NORM:
         b_c = _clip(b_c, b_norm, clip, CLIP_MODE)  # W^T (s g act') = s W^T (g act'), s per row
@@ -374,9 +374,9 @@ def _backward_step_kernel(
                  mask=m_r & (i_n == 0))
     m = m_r[:, None] & m_n[None, :]
     p_x = i_row * H + o_n[None, :]
-    b_g, b_ag = _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state + o_n[None, :], m, m_carry_r & m_n[None, :],
-                        m_end_r & m_n[None, :], ACTIVATION, HAS_DH_ALL, HAS_DH_LAST)
-    b_dz = _clip(b_g, b_norm, clip, CLIP_MODE) * b_ag
+    b_g, b_h = _g_tile(h_all, dh_all, dh_last, c_src, p_x, p_state + o_n[None, :], m, m_carry_r & m_n[None, :],
+                       m_end_r & m_n[None, :], HAS_DH_ALL, HAS_DH_LAST)
+    b_dz = _activation_backward(_clip(b_g, b_norm, clip, CLIP_MODE), b_h, ACTIVATION)
     tl.store(dz + p_x, b_dz.to(dz.dtype.element_ty), mask=m)
     tl.store(c_dst + p_state + o_n[None, :], b_c, mask=m)
     m_start = m & (o_b >= carried)[:, None]  # sequences that started here hand their carry to dh0

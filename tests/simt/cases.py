@@ -37,6 +37,7 @@ class Case:
     clip: float = 0.0
     record_norms: bool = False
     grads: str = "both"   # which output gradients the backward gets: "both", "all" (dh_last None), "last"
+    inf_where_off: bool = False  # relu: dh_all is inf at every unit that is off (its gradient must be 0)
     expect: tuple = ()    # (plan field, forward value or None, backward value or None) the plan must have
 
     @property
@@ -44,6 +45,7 @@ class Case:
         opts = f"-{self.clip_mode}" if self.clip_mode != "none" else ""
         opts += "-norms" if self.record_norms else ""
         opts += f"-dh-{self.grads}-only" if self.grads != "both" else ""
+        opts += "-inf-where-off" if self.inf_where_off else ""
         return (f"{self.kernel}-{self.what}-T{self.T}B{self.B}H{self.H}D{self.D}"
                 f"{'-packed' if self.packed else ''}-{self.activation}-{DTYPE_NAMES[self.dtype]}{opts}")
 
@@ -93,6 +95,10 @@ CASES = [
     *_stepwise("padded", 5, 3, 13, 1, False, ALL_DTYPES),
     *_stepwise("grid-stride", 4, 4, 70, 1, False, [F32], "relu"),
     *_stepwise("grads", 5, 3, 13, 2, True, [F32], grads="all"),
+    # relu's backward is a select: an inf gradient at a unit that is off gives 0 there, not inf * 0 = NaN
+    *_persistent("relu-off", 5, 3, 24, 2, True, [F32, BF16], "relu", sms=8, inf_where_off=True),
+    *_stepwise("relu-off", 5, 3, 24, 2, True, [F32], "relu", inf_where_off=True),
+    *_stepwise("relu-off", 5, 3, 24, 1, False, [F64], "relu", clip_mode="value", clip=0.5, inf_where_off=True),
     *_stepwise("grads", 5, 3, 13, 2, True, [F32], grads="last"),
     *_stepwise("packed", 6, 5, 16, 2, True, ALL_DTYPES, "relu"),
     # the backward options' kernel: one CTA per row, a block reduction in double through static __shared__
@@ -159,6 +165,8 @@ def check(ops, case: Case) -> None:
     ref = R.recurrence_forward(xw, w_hh, h0, bs, case.activation)
     dh_all = dh_all if case.grads in ("both", "all") else None
     dh_last = dh_last if case.grads in ("both", "last") else None
+    if case.inf_where_off:
+        dh_all = dh_all.masked_fill(ref[0] == 0, float("inf"))
     ref += R.recurrence_backward(w_hh, ref[0], h0, dh_all, dh_last, bs, case.activation, **opts)
     # The backward is judged on the reference's h_all (rounded to the dtype), not on the forward's own: in a
     # low precision a relu unit whose z is near 0 can land on the other side of 0 than in float64, which
