@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace rnn_fused {
 
@@ -90,6 +91,9 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
   int64_t n = 0;
   for (int64_t t = 0; t < p.T; ++t) {
     p.row_begin[t] = n;
+    TORCH_CHECK(p.batch_sizes[t] <= std::numeric_limits<int64_t>::max() - n,
+                "rnn_fused: sum(batch_sizes) overflows int64 at step ", t, " (batch_sizes[", t, "] = ",
+                p.batch_sizes[t], ")");
     n += p.batch_sizes[t];
   }
   p.N = n;

@@ -59,7 +59,9 @@ class _RecurrenceWithOptions(torch.autograd.Function):
         forward_op, backward_op = backend_ops(backend)
         h_all, h_last = forward_op(xw, w_hh, h0, batch_sizes, activation)
         ctx.save_for_backward(w_hh, h0, h_all)
-        ctx.batch_sizes, ctx.activation, ctx.options, ctx.backward_op = batch_sizes, activation, options, backward_op
+        # A copy of batch_sizes: the caller's tensor may change before the backward runs (rnn_fused/ops.py).
+        ctx.batch_sizes = batch_sizes.clone() if batch_sizes is not None else None
+        ctx.activation, ctx.options, ctx.backward_op = activation, options, backward_op
         return h_all, h_last
 
     @staticmethod

@@ -90,10 +90,14 @@ class FusedRNN(nn.RNNBase):
             args = args[:3] + args[4:]
         else:
             self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if self.nonlinearity not in modes:
+        # Compared with ==, as nn.RNN does: an unhashable nonlinearity (a list) gets nn.RNN's ValueError too.
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
-        super().__init__(modes[self.nonlinearity], *args, **kwargs)
+        super().__init__(mode, *args, **kwargs)
         self.backend = backend
         self.record_grad_norms = record_grad_norms
         self.bptt_clip = None if bptt_clip is None else float(bptt_clip)
@@ -181,6 +185,10 @@ class FusedRNN(nn.RNNBase):
             # hx is in the caller's batch order; the packed data is sorted by decreasing length.
             hx = self.permute_hidden(hx, sorted_indices)
         self.check_forward_args(data, hx, batch_sizes)
+        # The activation follows self.mode, as nn.RNN's forward does (self.nonlinearity is only read at init).
+        if self.mode != "RNN_TANH" and self.mode != "RNN_RELU":
+            raise AssertionError(f"mode must be RNN_TANH or RNN_RELU, got {self.mode}")
+        activation = "tanh" if self.mode == "RNN_TANH" else "relu"
         _check_same_device(data, hx)
         # Under autocast nn.RNN runs in the autocast dtype (weights, input and state cast, gradients flow
         # back to the float32 parameters through the casts); so do we, with autocast itself switched off
@@ -209,7 +217,7 @@ class FusedRNN(nn.RNNBase):
             for layer, (w_ih, w_hh, bias) in enumerate(weights):
                 h0 = hx[layer * num_directions:(layer + 1) * num_directions]
                 layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
-                                                 self.nonlinearity, self.backend, self._bptt_options(layer))
+                                                 activation, self.backend, self._bptt_options(layer))
                 h_n.append(h_last)
                 # Dropout sits between layers only, in training only; h_n is taken before it.
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:

@@ -15,14 +15,19 @@ from torch import Tensor
 from . import reference
 
 
+# The output layout every backend returns: the inputs' shapes, contiguous whatever the inputs' strides.
+_CONTIGUOUS = dict(memory_format=torch.contiguous_format)
+
+
 def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str):
-    return torch.empty_like(xw), torch.empty_like(h0)
+    return torch.empty_like(xw, **_CONTIGUOUS), torch.empty_like(h0, **_CONTIGUOUS)
 
 
 def fake_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
                   batch_sizes: Tensor | None, activation: str, clip_mode: str = "none", clip: float = 0.0,
                   record_norms: bool = False):
-    return torch.empty_like(h_all), torch.empty_like(h0), reference.empty_grad_norm(h_all, record_norms)
+    return (torch.empty_like(h_all, **_CONTIGUOUS), torch.empty_like(h0, **_CONTIGUOUS),
+            reference.empty_grad_norm(h_all, record_norms))
 
 
 def _previous_rows(batch_sizes: Tensor, direction: int):
@@ -83,7 +88,8 @@ def register(forward_op: str, backward_op: str) -> None:
         xw, w_hh, h0, batch_sizes, activation = inputs
         h_all, _ = output
         ctx.save_for_backward(w_hh, h0, h_all)
-        ctx.batch_sizes = batch_sizes
+        # A copy: the caller's tensor (a PackedSequence's batch_sizes) may change before the backward runs.
+        ctx.batch_sizes = batch_sizes.clone() if batch_sizes is not None else None
         ctx.activation = activation
 
     def backward_rule(ctx, dh_all, dh_last):

@@ -118,7 +118,8 @@ def clip_gradient(g: Tensor, clip_mode: str, clip: float) -> Tensor:
     if clip_mode == "none":
         return g
     if clip_mode == "value":
-        clip = min(clip, torch.finfo(g.dtype).max)  # a bound beyond the dtype's range clamps nothing
+        if clip > torch.finfo(g.dtype).max:
+            return g  # the bound rounds to inf in g's dtype, as in every kernel: it clamps nothing, inf included
         return g.clamp(-clip, clip)
     norm = row_norm(g).unsqueeze(-1)
     return g * (clip / norm.clamp(min=clip)).to(g.dtype)

@@ -281,7 +281,7 @@ def _raised(fn):
 @pytest.mark.parametrize("args,kwargs", [
     ((4, 5), dict(nonlinearity="sigmoid")), ((4, 5), dict(proj_size=2)), ((4, 5), dict(dropout=2)),
     ((4, 5), dict(dropout=True)), ((0, 5), {}), ((4, 0), {}), ((4.0, 5), {}), ((4, 5, 0), {}),
-    ((4, 5), dict(bias=1)), ((4, 5), dict(batch_first="yes")),
+    ((4, 5), dict(bias=1)), ((4, 5), dict(batch_first="yes")), ((4, 5), dict(nonlinearity=["tanh"])),
 ])
 def test_constructor_errors_match_nn_rnn(args, kwargs):
     expected = _raised(lambda: torch.nn.RNN(*args, **kwargs))
@@ -345,3 +345,23 @@ def test_cell_errors_match_nn_rnn_cell(make_input):
     expected = _raised(lambda: ref(*args))
     assert expected is not None
     assert _raised(lambda: ours(*args)) == expected
+
+
+@pytest.mark.parametrize("attribute,value", [("nonlinearity", "relu"), ("mode", "RNN_RELU")])
+def test_activation_follows_mode_like_nn_rnn(attribute, value):
+    """nn.RNN's forward reads self.mode, never self.nonlinearity: after setting either, both modules agree."""
+    ref, ours = _pair("cpu", 3, 4, 1, "tanh")
+    setattr(ref, attribute, value)
+    setattr(ours, attribute, value)
+    x = torch.randn(5, 2, 3, dtype=torch.float64) * 3
+    _compare(_run(ours, x, None), _run(ref, x, None))
+
+
+def test_unknown_mode_raises_like_nn_rnn():
+    ref, ours = _pair("cpu", 3, 4)
+    ref.mode = ours.mode = "GRU"
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(AssertionError, match="mode must be RNN_TANH or RNN_RELU, got GRU"):
+        ref(x)
+    with pytest.raises(AssertionError, match="mode must be RNN_TANH or RNN_RELU, got GRU"):
+        ours(x)

@@ -106,6 +106,23 @@ def test_relu_gradient_at_a_unit_that_is_off_is_zero_like_nn_rnn(backend):
         torch.testing.assert_close(ours, theirs, msg=f"{backend} {name}")
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_value_clip_beyond_the_dtype_range_clamps_nothing(backend):
+    """One rule on every backend: clip=1e300 in float32 rounds to inf and clamps nothing, an inf included."""
+    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32):
+        pytest.skip("triton unavailable")
+    xw, w_hh, h0, _ = _random_problem(1, False, torch.float32, "cpu")
+    forward, backward = rnn_fused.bptt.backend_ops(backend)
+    h_all, _ = forward(xw, w_hh, h0, None, "tanh")
+    dh_all = torch.randn_like(h_all)
+    dh_all[-1, 0, 0, :2] = torch.tensor([float("inf"), 1e30])
+    clipped = backward(w_hh, h_all, h0, dh_all, None, None, "tanh", "value", 1e300, False)
+    plain = backward(w_hh, h_all, h0, dh_all, None, None, "tanh")
+    for a, b in zip(clipped[:2], plain[:2]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert clipped[0][-1, 0, 0, 0] == float("inf") or torch.isnan(clipped[0][-1, 0, 0, 0])
+
+
 def test_reference_relu_backward_selects():
     """The reference's own BPTT (the double-backward path and every kernel test's yardstick) selects too."""
     xw, w_hh, h0 = torch.tensor([[[[-1.0, 1.0]]]]), torch.zeros(1, 2, 2), torch.zeros(1, 1, 2)
@@ -180,6 +197,71 @@ def test_empty_batch_and_zero_steps(device, backend):
     dh_last = torch.randn_like(h0)
     dz, dh0, grad_norm = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, dh_last, None, "tanh")
     assert dz.shape == (0, 3, 1, 4) and torch.equal(dh0, dh_last) and grad_norm.shape == (0,)
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+def test_empty_work_returns_at_once(device, backend):
+    """2^40 rows of H = 0 (an expanded zero-memory view) is no work: it must not loop over the rows."""
+    xw = torch.empty(2, 2**40, 1, 0, device=device)
+    h0 = torch.empty(1, 2**40, 0, device=device)
+    w_hh = torch.empty(1, 0, 0, device=device)
+    h_all, h_last = torch.ops.rnn_fused.recurrence_forward(xw, w_hh, h0, None, "tanh")
+    assert h_all.shape == xw.shape and h_last.shape == h0.shape
+    dz, dh0, _ = torch.ops.rnn_fused.recurrence_backward(w_hh, h_all, h0, None, None, None, "tanh")
+    assert dz.shape == xw.shape and dh0.shape == h0.shape
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+def test_batch_sizes_that_overflow_int64_are_refused(device, backend):
+    """[2^62] * 4 summed in int64 wraps to 0, which would let an xw of 0 rows through."""
+    h0 = torch.empty(1, 2**62, 0, device=device).expand(1, 2**62, 0)
+    with pytest.raises(RuntimeError, match=r"sum\(batch_sizes\) overflows int64 at step 1"):
+        torch.ops.rnn_fused.recurrence_forward(torch.empty(0, 1, 0, device=device), torch.empty(1, 0, 0, device=device),
+                                               h0, torch.tensor([2**62] * 4), "tanh")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_outputs_are_contiguous_as_the_fakes_say(backend):
+    """One output layout for every backend: contiguous, whatever the inputs' strides; opcheck's fake-tensor test
+    compares the fake impls' promise with the kernels' outputs, strides included."""
+    if rnn_fused.backends.unavailable_reason(backend, torch.device("cpu"), torch.float32):
+        pytest.skip(rnn_fused.backends.unavailable_reason(backend, torch.device("cpu"), torch.float32))
+    xw = torch.randn(3, 4, 1, 5).transpose(0, 1)  # [4, 3, 1, 5], not contiguous
+    w_hh, h0 = torch.randn(1, 5, 5) / 3, torch.randn(1, 3, 5)
+    f = torch.compile(lambda a, b, c: rnn_fused.functional.recurrence(a, b, c, None, "tanh", backend)[0] * 2,
+                      fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(f(xw, w_hh, h0), R.recurrence_forward(xw, w_hh, h0)[0] * 2)
+    forward, backward = rnn_fused.bptt.backend_ops(backend)
+    torch.library.opcheck(forward, (xw, w_hh, h0, None, "tanh"), test_utils=("test_faketensor",))
+    h_all, h_last = forward(xw, w_hh, h0, None, "tanh")
+    assert h_all.is_contiguous() and h_last.is_contiguous()
+    torch.library.opcheck(backward, (w_hh, h_all.transpose(0, 1).contiguous().transpose(0, 1), h0, None, None, None,
+                                     "tanh"), test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("bptt_clip", [None, 1.0])
+def test_changing_batch_sizes_after_forward_does_not_change_gradients(backend, bptt_clip):
+    """The backward uses the batch sizes of its forward, even if the caller's PackedSequence changes in between."""
+    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32):
+        pytest.skip("triton unavailable")
+    torch.manual_seed(0)
+    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 3, 2), [4, 2, 2])
+
+    def grads(mutate):
+        rnn = rnn_fused.FusedRNN(2, 3, backend=backend, bptt_clip=bptt_clip)
+        torch.manual_seed(1)
+        for p in rnn.parameters():
+            torch.nn.init.normal_(p)
+        ps = torch.nn.utils.rnn.PackedSequence(x.data, x.batch_sizes.clone())
+        out, _ = rnn(ps)
+        if mutate:
+            ps.batch_sizes.copy_(torch.tensor([3, 2, 2, 1]))
+        out.data.sum().backward()
+        return [p.grad for p in rnn.parameters()]
+
+    for ours, expected in zip(grads(True), grads(False)):
+        torch.testing.assert_close(ours, expected)
 
 
 def _bad(device, **override):

@@ -355,6 +355,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_i
   const at::Tensor xw = xw_in.contiguous(), w_hh = w_hh_in.contiguous(), h0 = h0_in.contiguous();
   at::Tensor h_all = at::empty_like(xw);
   at::Tensor h_last = h0.clone();  // T == 0 leaves each sequence at h0
+  if (p.T == 0 || p.B == 0 || p.H == 0) return {h_all, h_last};  // no work (B = 2^40 rows of H = 0 included)
   const at::Tensor w_hh_t = w_hh.transpose(1, 2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_forward_cpu", [&] {
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
@@ -384,6 +385,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
   at::Tensor dh0 = at::zeros_like(h0);
   at::Tensor carry = at::zeros_like(h0);  // [D, B, H]
   at::Tensor grad_norm = grad_norm_output(h_all, record_norms);
+  if (p.T == 0 || p.B == 0 || p.H == 0) {
+    // No work: the gradient of h_last (= h0 when T == 0) passes to h0; a row of H = 0 has norm 0.
+    if (record_norms) grad_norm.zero_();
+    if (p.T == 0 && dh_last.defined()) dh0.copy_(dh_last);
+    return {dz, dh0, grad_norm};
+  }
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_backward_cpu", [&] {
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {

@@ -470,15 +470,10 @@ def _register_warps(H: int) -> int:
     return 4 if _block_h(H) <= 64 else 8
 
 
-def _output_like(proto: Tensor) -> tuple[Tensor, Tensor]:
-    """(out, buffer): out has proto's strides as the fake impls promise; the kernels write the contiguous
-    buffer, which is out itself unless proto is not contiguous."""
-    out = torch.empty_like(proto)
-    return out, (out if out.is_contiguous() else torch.empty_like(proto, memory_format=torch.contiguous_format))
-
-
-def _finish(out: Tensor, buffer: Tensor) -> Tensor:
-    return out if buffer is out else out.copy_(buffer)
+def _output_like(proto: Tensor) -> Tensor:
+    """An output shaped like proto, contiguous whatever proto's strides: the op contract's output layout
+    (rnn_fused/ops.py's fake impls promise it; the C++ and CUDA kernels and the reference return it too)."""
+    return torch.empty_like(proto, memory_format=torch.contiguous_format)
 
 
 def _device_guard(t: Tensor):
@@ -494,7 +489,7 @@ def _step_grid(B: int, D: int, H: int):
 def triton_recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Optional[Tensor],
                               activation: str) -> tuple[Tensor, Tensor]:
     T, B, D, H, sizes = _check(xw, "xw", w_hh, h0, batch_sizes, activation)
-    (h_all, h_all_buf), (h_last, h_last_buf) = _output_like(xw), _output_like(h0)
+    h_all, h_last = _output_like(xw), _output_like(h0)
     if T == 0 or B == 0 or H == 0:
         return h_all, h_last.copy_(h0)  # no step: each sequence stays at h0
     xw, w_hh, h0 = xw.contiguous(), w_hh.contiguous(), h0.contiguous()
@@ -502,16 +497,16 @@ def triton_recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes:
         steps = None if sizes is None else _step_table(sizes, D, xw.device)
         if _uses_register_path(H):
             grid = (triton.cdiv(B, REGISTER_BLOCK_B), D)
-            _forward_register_kernel[grid](xw, w_hh, h0, h_all_buf, h_last_buf, steps, T, B, D, H,
+            _forward_register_kernel[grid](xw, w_hh, h0, h_all, h_last, steps, T, B, D, H,
                                            ACTIVATION=activation, BLOCK_B=REGISTER_BLOCK_B, BLOCK_H=_block_h(H),
                                            num_warps=_register_warps(H))
         else:
             state = h0.float().unsqueeze(0).repeat(2, 1, 1, 1)  # ping-pong [2, D, B, H], h0 in both
             grid = _step_grid(B, D, H)
             for s in range(T):
-                _forward_step_kernel[grid](xw, w_hh, state[s % 2], state[(s + 1) % 2], h_all_buf, h_last_buf,
+                _forward_step_kernel[grid](xw, w_hh, state[s % 2], state[(s + 1) % 2], h_all, h_last,
                                            steps, s, T, B, D, H, ACTIVATION=activation)
-    return _finish(h_all, h_all_buf), _finish(h_last, h_last_buf)
+    return h_all, h_last
 
 
 @torch.library.custom_op("rnn_fused::triton_recurrence_backward", mutates_args=())
@@ -531,7 +526,7 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
     if dh_last is not None:
         _check_like(dh_last, "dh_last", w_hh, "w_hh")
         _check_shape(dh_last, "dh_last", (D, B, H), "[D, B, H]")
-    (dz, dz_buf), (dh0, dh0_buf) = _output_like(h_all), _output_like(h0)
+    dz, dh0 = _output_like(h_all), _output_like(h0)
     grad_norm = reference.empty_grad_norm(h_all, record_norms)
     if T == 0 or B == 0 or H == 0:
         return dz, (dh0.copy_(dh_last) if dh_last is not None else dh0.zero_()), grad_norm.zero_()
@@ -544,7 +539,7 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
         steps = None if sizes is None else _step_table(sizes, D, h_all.device)
         if _uses_register_path(H):
             grid = (triton.cdiv(B, REGISTER_BLOCK_B), D)
-            _backward_register_kernel[grid](w_hh, h_all, dh_all, dh_last, dz_buf, dh0_buf, norm_arg, steps,
+            _backward_register_kernel[grid](w_hh, h_all, dh_all, dh_last, dz, dh0, norm_arg, steps,
                                             T, B, D, H, clip, ACTIVATION=activation, BLOCK_B=REGISTER_BLOCK_B,
                                             BLOCK_H=_block_h(H), num_warps=_register_warps(H), **clip_args)
         else:
@@ -554,9 +549,9 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
             grid = _step_grid(B, D, H)
             for i, s in enumerate(reversed(range(T))):
                 _backward_step_kernel[grid](w_hh, h_all, dh_all, dh_last, carry[i % 2], carry[(i + 1) % 2],
-                                            dz_buf, dh0_buf, norm_arg, steps, s, T, B, D, H, clip,
+                                            dz, dh0, norm_arg, steps, s, T, B, D, H, clip,
                                             ACTIVATION=activation, **clip_args)
-    return _finish(dz, dz_buf), _finish(dh0, dh0_buf), grad_norm
+    return dz, dh0, grad_norm
 
 
 _ops.register("rnn_fused::triton_recurrence_forward", "rnn_fused::triton_recurrence_backward")
