@@ -33,6 +33,7 @@ namespace {
 std::string shape_str(const at::Tensor& t) { return c10::str(t.sizes()); }
 
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.defined(), "rnn_fused: ", name, " must be a tensor, got None");
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "rnn_fused: ", name, " must have the dtype of ",
               ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
   TORCH_CHECK(t.device() == ref.device(), "rnn_fused: ", name, " must be on the device of ", ref_name,
@@ -49,6 +50,7 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
                                c10::string_view activation) {
   RecurrenceProblem p;
   p.activation = parse_activation(activation);
+  TORCH_CHECK(w_hh.defined(), "rnn_fused: w_hh must be a tensor, got None");
   TORCH_CHECK(w_hh.dim() == 3 && w_hh.size(1) == w_hh.size(2) && (w_hh.size(0) == 1 || w_hh.size(0) == 2),
               "rnn_fused: w_hh must have shape [D, H, H] with D in {1, 2}, got ", shape_str(w_hh));
   p.D = w_hh.size(0);

@@ -42,6 +42,20 @@ def _check_same_device(input: Tensor, hx: Tensor) -> None:
         )
 
 
+def _check_parameters(module: nn.RNNBase, input: Tensor, check_dtype: bool) -> None:
+    """Every parameter on the input's device (nn.RNN's message) and, outside autocast, of its dtype: nn.RNN
+    fails inside a matrix product there; a silently promoted parameter would compute in another dtype."""
+    for name, p in zip(module._flat_weights_names, module._flat_weights):
+        if p is None:
+            continue
+        if p.device != input.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, "
+                               f"found input tensor at {input.device} and parameter tensor at {p.device}")
+        if check_dtype and p.dtype != input.dtype:
+            raise RuntimeError(f"parameter {name} has dtype {p.dtype}, the input {input.dtype}: "
+                               "input and parameters must have one dtype")
+
+
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype torch.autocast asks for on ``t``'s device, or None outside autocast."""
     device_type = t.device.type
@@ -194,6 +208,7 @@ class FusedRNN(nn.RNNBase):
         # back to the float32 parameters through the casts); so do we, with autocast itself switched off
         # inside so that the input projection and the recurrence agree on one dtype.
         compute_dtype = _autocast_dtype(data)
+        _check_parameters(self, data, check_dtype=compute_dtype is None)
         if compute_dtype is None:
             _check_hx_dtype(data, hx)
         else:

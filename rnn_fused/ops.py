@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import reference
+from . import contract, reference
 
 
 # The output layout every backend returns: the inputs' shapes, contiguous whatever the inputs' strides.
@@ -20,12 +20,16 @@ _CONTIGUOUS = dict(memory_format=torch.contiguous_format)
 
 
 def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str):
+    # The fakes validate like the kernels: a call sent here because one argument is on the meta device must
+    # not return an empty tensor of another device with a grad_fn.
+    contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
     return torch.empty_like(xw, **_CONTIGUOUS), torch.empty_like(h0, **_CONTIGUOUS)
 
 
 def fake_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
                   batch_sizes: Tensor | None, activation: str, clip_mode: str = "none", clip: float = 0.0,
                   record_norms: bool = False):
+    contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, clip_mode, clip)
     return (torch.empty_like(h_all, **_CONTIGUOUS), torch.empty_like(h0, **_CONTIGUOUS),
             reference.empty_grad_norm(h_all, record_norms))
 

@@ -36,6 +36,8 @@ import math
 import torch
 from torch import Tensor
 
+from . import contract
+
 
 def activation_fn(activation: str):
     if activation == "tanh":
@@ -77,7 +79,7 @@ def _steps(batch_sizes: Tensor | None, T: int, B: int):
 
 def _flat(x: Tensor, packed: bool) -> Tensor:
     """[T, B, D, H] -> [T*B, D, H] (padded is packed with batch_sizes = [B] * T)."""
-    return x if packed else x.reshape(-1, *x.shape[2:])
+    return x if packed else x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # no -1: H = 0 is legal
 
 
 def recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None = None,
@@ -88,6 +90,7 @@ def recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor
     sequence keeps its last state (which is its ``h_last``) and, in the reverse direction, a sequence that
     has not started yet still holds its ``h0`` when it starts at its own last step.
     """
+    contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
     act = activation_fn(activation)
     packed = batch_sizes is not None
     D, B = w_hh.shape[0], h0.shape[1]
@@ -161,6 +164,7 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     h_all's shape without H (an empty tensor otherwise).
     """
     check_clip(clip_mode, clip)
+    contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation)
     packed = batch_sizes is not None
     D, B = w_hh.shape[0], h0.shape[1]
     T = len(batch_sizes) if packed else h_all.shape[0]

@@ -271,8 +271,7 @@ def _bad(device, **override):
     return torch.ops.rnn_fused.recurrence_forward(**args)
 
 
-@pytest.mark.parametrize("device,backend", COMPILED)
-@pytest.mark.parametrize("override,message", [
+BAD_INPUTS = [
     (dict(xw=torch.randn(4, 3, 5)), r"xw must have shape \[T, B, D, H\]"),
     (dict(xw=torch.randn(4, 3, 1, 6)), r"xw must have shape \[T, B, D, H\] = \[4, 3, 1, 5\]"),
     (dict(w_hh=torch.randn(5, 5)), r"w_hh must have shape \[D, H, H\]"),
@@ -288,12 +287,67 @@ def _bad(device, **override):
     (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([3, 4])), r"non-increasing"),
     (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([2, 2, 2])), r"batch_sizes\[0\] \(2\) must equal"),
     (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([3.0, 3.0])), r"batch_sizes must be a 1-D int64"),
-])
+    (dict(xw=torch.randn(6, 1, 5), batch_sizes=torch.tensor([3, 3], dtype=torch.int32)),
+     r"batch_sizes must be a 1-D int64"),
+    (dict(xw=torch.randn(0, 1, 5), batch_sizes=torch.tensor([3, 2**40])), r"non-increasing"),
+    (dict(xw=None), r"xw must be a tensor, got None"),
+    (dict(w_hh=None), r"w_hh must be a tensor, got None"),
+    (dict(w_hh=torch.randn(1, 0, 0), xw=torch.randn(4, 3, 1, 0), h0=torch.randn(1, 3, 0)), None),  # H = 0: fine
+]
+
+
+@pytest.mark.parametrize("device,backend", COMPILED)
+@pytest.mark.parametrize("override,message", BAD_INPUTS)
 def test_bad_inputs_raise_clear_errors(device, backend, override, message):
     override = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
                 for k, v in override.items()}
+    if message is None:
+        _bad(device, **override)
+        return
     with pytest.raises(RuntimeError, match=message):
         _bad(device, **override)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "meta"])
+@pytest.mark.parametrize("override,message", BAD_INPUTS)
+def test_every_implementation_checks_the_op_contract(backend, override, message):
+    """The same bad-input table, and the same messages, on the reference, the Triton ops and the fake impls
+    (all arguments on the meta device): one contract (rnn_fused/contract.py mirrors the C++ checks)."""
+    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32):
+        pytest.skip("triton unavailable")
+    device = "meta" if backend == "meta" else "cpu"
+    forward = rnn_fused.bptt.backend_ops("cpu" if backend == "meta" else backend)[0]
+    args = dict(xw=torch.randn(4, 3, 1, 5), w_hh=torch.randn(1, 5, 5), h0=torch.randn(1, 3, 5), batch_sizes=None,
+                activation="tanh")
+    args.update(override)
+    args = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "batch_sizes" else v) for k, v in args.items()}
+    if message is None:
+        forward(*args.values())
+        return
+    with pytest.raises(RuntimeError, match=message):
+        forward(*args.values())
+
+
+def test_one_argument_on_meta_raises_instead_of_returning_garbage():
+    """A meta w_hh sends the call to the fake impl; it must refuse the mix as the kernels do (nn.RNN raises too)."""
+    with pytest.raises(RuntimeError, match=r"xw must be on the device of w_hh \(meta\), got cpu"):
+        torch.ops.rnn_fused.recurrence_forward(torch.randn(4, 3, 1, 5), torch.randn(1, 5, 5, device="meta"),
+                                               torch.randn(1, 3, 5), None, "tanh")
+    m = rnn_fused.FusedRNN(3, 4)
+    m.weight_hh_l0 = torch.nn.Parameter(torch.empty(4, 4, device="meta"))
+    with pytest.raises(RuntimeError, match=r"Input and parameter tensors are not at the same device, found input "
+                                           r"tensor at cpu and parameter tensor at meta"):
+        m(torch.randn(5, 2, 3))
+
+
+def test_a_parameter_of_another_dtype_raises_like_nn_rnn():
+    """A float32 bias in a float64 model: nn.RNN raises (inside a matrix product); so do we, naming it."""
+    for module in (torch.nn.RNN(3, 4, dtype=torch.float64), rnn_fused.FusedRNN(3, 4, dtype=torch.float64)):
+        module.bias_hh_l0 = torch.nn.Parameter(torch.zeros(4))
+        with pytest.raises(RuntimeError):
+            module(torch.randn(5, 2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"parameter bias_hh_l0 has dtype torch.float32, the input torch.float64"):
+        module(torch.randn(5, 2, 3, dtype=torch.float64))
 
 
 @pytest.mark.gpu

@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import contract
 from .. import ops as _ops
 from .. import reference
 
@@ -59,7 +60,6 @@ MIN_DOT = 16
 REGISTER_BLOCK_B = MIN_DOT
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ACTIVATIONS = ("tanh", "relu")
 
 
 # ---- activations -------------------------------------------------------------------------------------
@@ -386,59 +386,10 @@ def _backward_step_kernel(
 # ---- host side -------------------------------------------------------------------------------------------
 
 
-def _fail(message: str):
-    raise RuntimeError(f"rnn_fused: {message}")
-
-
-def _check_like(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
-    if t.dtype != ref.dtype:
-        _fail(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
-    if t.device != ref.device:
-        _fail(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
-
-
-def _check_shape(t: Tensor, name: str, expected, letters: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        _fail(f"{name} must have shape {letters} = {list(expected)}, got {list(t.shape)}")
-
-
-def _check(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_sizes: Optional[Tensor],
-           activation: str):
-    """The checks of csrc/ops.cpp, with its messages; returns (T, B, D, H, batch sizes as a list or None)."""
-    if activation not in _ACTIVATIONS:
-        _fail(f"activation must be 'tanh' or 'relu', got '{activation}'")
-    if w_hh.dim() != 3 or w_hh.shape[1] != w_hh.shape[2] or w_hh.shape[0] not in (1, 2):
-        _fail(f"w_hh must have shape [D, H, H] with D in {{1, 2}}, got {list(w_hh.shape)}")
+def _check_dtype(w_hh: Tensor) -> None:
+    """This backend's dtypes, checked after the op contract (rnn_fused/contract.py)."""
     if w_hh.dtype not in _DTYPES:
-        _fail(f"the Triton backend supports float32, float16 and bfloat16, got {w_hh.dtype}")
-    D, H = w_hh.shape[0], w_hh.shape[1]
-    _check_like(xw_like, xw_name, w_hh, "w_hh")
-    _check_like(h0, "h0", w_hh, "w_hh")
-    if h0.dim() != 3:
-        _fail(f"h0 must have shape [D, B, H], got {list(h0.shape)}")
-    B = h0.shape[1]
-    _check_shape(h0, "h0", (D, B, H), "[D, B, H]")
-    if batch_sizes is None:
-        if xw_like.dim() != 4:
-            _fail(f"{xw_name} must have shape [T, B, D, H] (padded) when batch_sizes is None, "
-                  f"got {list(xw_like.shape)}")
-        T = xw_like.shape[0]
-        _check_shape(xw_like, xw_name, (T, B, D, H), "[T, B, D, H]")
-        return T, B, D, H, None
-    if batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64 or batch_sizes.device.type != "cpu":
-        _fail(f"batch_sizes must be a 1-D int64 CPU tensor [T] (as in PackedSequence), got {batch_sizes.dtype} "
-              f"{list(batch_sizes.shape)} on {batch_sizes.device}")
-    sizes = batch_sizes.tolist()
-    for t, rows in enumerate(sizes):
-        if not 0 < rows <= (B if t == 0 else sizes[t - 1]):
-            _fail(f"batch_sizes must be positive and non-increasing with batch_sizes[0] == B ({B}); "
-                  f"got {rows} at step {t}")
-    if sizes and sizes[0] != B:
-        _fail(f"batch_sizes[0] ({sizes[0]}) must equal the batch size of h0 ({B})")
-    if xw_like.dim() != 3:
-        _fail(f"{xw_name} must have shape [N, D, H] (packed) when batch_sizes is given, got {list(xw_like.shape)}")
-    _check_shape(xw_like, xw_name, (sum(sizes), D, H), "[N = sum(batch_sizes), D, H]")
-    return len(sizes), B, D, H, sizes
+        contract.fail(f"the Triton backend supports float32, float16 and bfloat16, got {w_hh.dtype}")
 
 
 def _step_table(sizes: list, D: int, device: torch.device) -> Tensor:
@@ -488,7 +439,9 @@ def _step_grid(B: int, D: int, H: int):
 @torch.library.custom_op("rnn_fused::triton_recurrence_forward", mutates_args=())
 def triton_recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Optional[Tensor],
                               activation: str) -> tuple[Tensor, Tensor]:
-    T, B, D, H, sizes = _check(xw, "xw", w_hh, h0, batch_sizes, activation)
+    p = contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
+    _check_dtype(w_hh)
+    T, B, D, H, sizes = p.T, p.B, p.D, p.H, p.sizes
     h_all, h_last = _output_like(xw), _output_like(h0)
     if T == 0 or B == 0 or H == 0:
         return h_all, h_last.copy_(h0)  # no step: each sequence stays at h0
@@ -514,18 +467,9 @@ def triton_recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: 
                                dh_last: Optional[Tensor], batch_sizes: Optional[Tensor], activation: str,
                                clip_mode: str = "none", clip: float = 0.0,
                                record_norms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    T, B, D, H, sizes = _check(h_all, "h_all", w_hh, h0, batch_sizes, activation)
-    try:
-        reference.check_clip(clip_mode, clip)
-    except ValueError as err:
-        _fail(str(err))
-    if dh_all is not None:
-        _check_like(dh_all, "dh_all", w_hh, "w_hh")
-        if dh_all.shape != h_all.shape:
-            _fail(f"dh_all must have the shape of h_all ({list(h_all.shape)}), got {list(dh_all.shape)}")
-    if dh_last is not None:
-        _check_like(dh_last, "dh_last", w_hh, "w_hh")
-        _check_shape(dh_last, "dh_last", (D, B, H), "[D, B, H]")
+    p = contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, clip_mode, clip)
+    _check_dtype(w_hh)
+    T, B, D, H, sizes = p.T, p.B, p.D, p.H, p.sizes
     dz, dh0 = _output_like(h_all), _output_like(h0)
     grad_norm = reference.empty_grad_norm(h_all, record_norms)
     if T == 0 or B == 0 or H == 0:
