@@ -221,3 +221,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
     for a, e in zip(torch.autograd.grad(compiled, leaves), torch.autograd.grad(eager, leaves)):
         torch.testing.assert_close(a, e, rtol=0, atol=0)
+
+
+def test_an_inf_in_the_state_stays_out_of_the_padded_lanes(path):
+    """H = 5 padded to 16 lanes: inf x a zero-padded column of W is NaN in a padded lane, which must not reach
+    the real lanes at the next step (it did on the register path: [1, nan, nan] instead of the CPU's numbers)."""
+    xw = torch.zeros(3, 1, 1, 5, device=DEVICE)
+    w_hh = torch.full((1, 5, 5), 0.1, device=DEVICE)
+    h0 = torch.zeros(1, 1, 5, device=DEVICE)
+    h0[0, 0, 2] = float("inf")
+    h_all, h_last = K.recurrence_forward(xw, w_hh, h0, None, "tanh")
+    ref_all, ref_last = R.recurrence_forward(xw.cpu().double(), w_hh.cpu().double(), h0.cpu().double())
+    torch.testing.assert_close(h_all.cpu().double(), ref_all)
+    torch.testing.assert_close(h_last.cpu().double(), ref_last)

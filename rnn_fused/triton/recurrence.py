@@ -181,7 +181,9 @@ def _forward_register_kernel(
         b_z += tl.dot(b_h, b_wt, input_precision="ieee")
         b_new = _activate(b_z, ACTIVATION)
         tl.store(h_all + p_x, b_new.to(h_all.dtype.element_ty), mask=m)
-        b_h = tl.where(m_r[:, None], b_new, b_h)
+        # Padded lanes keep their 0: an inf in a real lane times a zero-padded column of W is NaN there,
+        # which would reach the real lanes through the next step's product.
+        b_h = tl.where(m, b_new, b_h)
     tl.store(h_last + p_state, b_h.to(h_last.dtype.element_ty), mask=m_state)
 
 
