@@ -38,7 +38,7 @@ def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, b_hh: Tensor 
     ``x`` ``[..., I]``, ``w_ih`` ``[D, H, I]``, biases ``[D, H]``; returns ``[..., D, H]``.
     """
     D, H, I = w_ih.shape
-    x2d = x.reshape(-1, I)
+    x2d = x.flatten(0, -2)  # not reshape(-1, I): ambiguous for I = 0, which nn.RNN accepts
     w = w_ih.reshape(D * H, I)
     bias = None
     if b_ih is not None:

@@ -71,7 +71,7 @@ def weight_grad(dz: Tensor, h_all: Tensor, h0: Tensor, batch_sizes: Tensor | Non
             prev = slice(None, -1) if d == 0 else slice(1, None)
             g = dz_d[first].T @ h0[d]
             if T > 1:
-                g = g.addmm(dz_d[inner].reshape(-1, H).T, h_d[prev].reshape(-1, H))
+                g = g.addmm(dz_d[inner].flatten(0, -2).T, h_d[prev].flatten(0, -2))  # H = 0 is legal
             grads.append(g)
         else:
             rows, prev_rows, starts, start_batch = _previous_rows(batch_sizes.cpu(), d)

@@ -365,3 +365,18 @@ def test_unknown_mode_raises_like_nn_rnn():
         ref(x)
     with pytest.raises(AssertionError, match="mode must be RNN_TANH or RNN_RELU, got GRU"):
         ours(x)
+
+
+def test_cell_with_input_size_zero_works_like_nn_rnn_cell():
+    """nn.RNNCell accepts input_size 0 (only the recurrence and the biases act)."""
+    torch.manual_seed(0)
+    ref = torch.nn.RNNCell(0, 4, dtype=torch.float64)
+    ours = FusedRNNCell(0, 4, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    x, hx = torch.randn(2, 0, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+    out, expected = ours(x, hx), ref(x, hx)
+    assert_matches(out, expected, name="h'")
+    out.sum().backward()
+    expected.sum().backward()
+    for name, p in ours.named_parameters():
+        assert_matches(p.grad, dict(ref.named_parameters())[name].grad, name=f"grad {name}")
