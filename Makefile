@@ -9,7 +9,7 @@ PIP = $(PYTHON) -m pip
 # then the package with its test and bench extras. A CUDA build of torch plus the CUDA toolkit also
 # builds the CUDA kernels (see setup.py for the switches).
 install:
-	$(PIP) install --quiet "torch>=2.4" ninja pybind11 "setuptools>=64" wheel numpy
+	$(PIP) install --quiet "torch>=2.4" ninja "setuptools>=64" wheel numpy
 	$(PIP) install --quiet --no-build-isolation -e ".[test,bench]"
 
 test: install

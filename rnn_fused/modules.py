@@ -129,14 +129,6 @@ class FusedRNN(nn.RNNBase):
             s += f", bptt_clip={self.bptt_clip}, bptt_clip_mode={self.bptt_clip_mode!r}"
         return s
 
-    def __setstate__(self, state):
-        # Modules pickled before the BPTT options existed load with them switched off.
-        state.setdefault("record_grad_norms", False)
-        state.setdefault("bptt_clip", None)
-        state.setdefault("bptt_clip_mode", "norm")
-        state.setdefault("grad_flow", None)
-        super().__setstate__(state)
-
     def _bptt_options(self, layer: int) -> BPTTOptions | None:
         """The layer's BPTT options, or None when neither recording nor clipping."""
         if not self.record_grad_norms and self.bptt_clip is None:

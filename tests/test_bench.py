@@ -277,16 +277,6 @@ def test_measure_counts_warmup_and_samples():
     assert len(calls) == 2 + 2 + 4  # warm-up, the estimate (2 calls), samples
 
 
-def test_shim_matches_nn_rnn_for_one_layer():
-    torch.manual_seed(0)
-    ref = torch.nn.RNN(4, 6, bidirectional=True)
-    shim = P.ShimRNN(4, 6, bidirectional=True, backend="reference")
-    shim.load_state_dict(ref.state_dict())
-    x, h0 = torch.randn(5, 3, 4), torch.randn(2, 3, 6)
-    for a, b in zip(shim(x, h0), ref(x, h0)):
-        torch.testing.assert_close(a, b)
-
-
 def test_compile_provider_skips_with_reasons():
     compiled = P.Compiled(budget_s=10.0, max_steps=100)
     assert compiled.unavailable(C.Case(64, 2, 4, 4)) is None

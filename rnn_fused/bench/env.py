@@ -85,9 +85,6 @@ def _git(*args: str) -> str | None:
 
 
 def environment(device: str, argv: list[str] | None = None) -> dict:
-    from .providers import fused_rnn_class
-
-    _, fused_note = fused_rnn_class()
     # Dirty = the code that ran differs from the commit: modified or new files, result folders aside.
     status = _git("status", "--porcelain")
     if status is not None:
@@ -116,7 +113,7 @@ def environment(device: str, argv: list[str] | None = None) -> dict:
         # Where .git did not travel (a lent GPU machine), scripts/gpu_validation.sh passes the commit in.
         "git_commit": _git("rev-parse", "HEAD") or os.environ.get("RNN_FUSED_COMMIT"),
         "git_dirty": bool(status) if status is not None else None,
-        "fused_rnn": fused_note or "rnn_fused.FusedRNN",
+        "fused_rnn": "rnn_fused.FusedRNN",
         "flags": flags(),
     }
     if os.environ.get("RNN_FUSED_SOURCE_SHA256"):  # the tree that ran, when it may differ from the commit

@@ -27,9 +27,9 @@ import os
 import time
 
 import torch
-from torch import nn
 
 from .. import backends
+from ..modules import FusedRNN
 from .cases import Case
 from .workload import DTYPES, Workload
 
@@ -44,47 +44,8 @@ ALL_PROVIDERS = ("nn.RNN", "cuda") + FORCED_KERNEL_PROVIDERS + ("triton", "cpu",
 BASELINE = "nn.RNN"
 
 
-# --- FusedRNN, or a stand-in while it is missing ---------------------------------------------------------------
-
-class ShimRNN(nn.RNN):
-    """Stand-in for rnn_fused.FusedRNN when it cannot be imported: one layer (either direction count),
-    padded input, through functional.rnn_layer. nn.RNN's parameters and state_dict, so weights load the
-    same way. Cases it cannot run are skipped with the reason."""
-
-    def __init__(self, *args, backend: str = "auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def forward(self, input, hx=None):
-        from ..functional import rnn_layer
-
-        suffixes = ["", "_reverse"] if self.bidirectional else [""]
-        w_ih = torch.stack([getattr(self, f"weight_ih_l0{s}") for s in suffixes])
-        w_hh = torch.stack([getattr(self, f"weight_hh_l0{s}") for s in suffixes])
-        b_ih = torch.stack([getattr(self, f"bias_ih_l0{s}") for s in suffixes]) if self.bias else None
-        b_hh = torch.stack([getattr(self, f"bias_hh_l0{s}") for s in suffixes]) if self.bias else None
-        return rnn_layer(input, w_ih, w_hh, b_ih, b_hh, hx, None, self.nonlinearity, self.backend)
-
-
-def fused_rnn_class():
-    """(class, note): rnn_fused.FusedRNN and None, or ShimRNN and why it stands in."""
-    try:
-        from rnn_fused import FusedRNN
-    except ImportError as error:
-        return ShimRNN, f"rnn_fused.FusedRNN is unavailable ({error}); a 1-layer shim over rnn_layer stands in"
-    return FusedRNN, None
-
-
-def _shim_limit(case: Case) -> str | None:
-    cls, note = fused_rnn_class()
-    if cls is ShimRNN and (case.num_layers != 1 or case.packed):
-        return f"{note}: it runs 1 layer, padded input only"
-    return None
-
-
 def _new_fused(case: Case, backend: str, workload: Workload, **options):
-    cls, _ = fused_rnn_class()
-    model = cls(case.I, case.H, case.num_layers, nonlinearity=case.nonlinearity, bidirectional=case.bidirectional,
+    model = FusedRNN(case.I, case.H, case.num_layers, nonlinearity=case.nonlinearity, bidirectional=case.bidirectional,
                 device=case.device, dtype=DTYPES[case.dtype], backend=backend, **options)
     model.load_state_dict(workload.baseline.state_dict())
     return model
@@ -139,8 +100,7 @@ class Fused(Provider):
             # The CPU path of Triton is its interpreter (TRITON_INTERPRET=1), a debugging tool: timing it
             # would measure Python, not the kernel.
             return "Triton runs on GPUs; its CPU interpreter is for testing, not timing"
-        reason = backends.unavailable_reason(self.backend, torch.device(case.device), DTYPES[case.dtype])
-        return reason or _shim_limit(case)
+        return backends.unavailable_reason(self.backend, torch.device(case.device), DTYPES[case.dtype])
 
     def build(self, workload: Workload):
         model = _new_fused(workload.case, self.backend, workload)
@@ -162,8 +122,6 @@ class FusedWithOptions(Fused):
     def unavailable(self, case: Case) -> str | None:
         if case.mode != "train":
             return "BPTT options change only the backward: timed in train mode"
-        if fused_rnn_class()[0] is ShimRNN:
-            return "needs rnn_fused.FusedRNN"
         return super().unavailable(case)
 
     def build(self, workload: Workload):
@@ -240,7 +198,7 @@ class Compiled(Provider):
         steps = case.T * case.num_layers * (2 if case.bidirectional else 1)
         if steps > self.max_steps:
             return f"{steps} unrolled steps > {self.max_steps} (compile time grows with the unrolled steps)"
-        return _shim_limit(case)
+        return None
 
     def build(self, workload: Workload):
         # A fresh compile per case: dynamo caches per code object (FusedRNN.forward), and past its
@@ -288,5 +246,5 @@ def timed_first_call(call):
     return result, time.perf_counter() - t0
 
 
-__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "ForcedKernel", "Fused", "FusedWithOptions", "Provider", "ShimRNN",
-           "TorchRNN", "fused_rnn_class", "make_providers", "timed_first_call"]
+__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "ForcedKernel", "Fused", "FusedWithOptions", "Provider",
+           "TorchRNN", "make_providers", "timed_first_call"]
