@@ -60,7 +60,8 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
   check_like(xw_like, xw_name, w_hh, "w_hh");
   check_like(h0, "h0", w_hh, "w_hh");
   TORCH_CHECK(h0.dim() == 3, "rnn_fused: h0 must have shape [D, B, H], got ", shape_str(h0));
-  p.B = h0.size(1);
+  // B is the input's batch size where the input has one (padded), so a wrong h0 is reported as h0's error.
+  p.B = !batch_sizes.has_value() && xw_like.dim() == 4 ? xw_like.size(1) : h0.size(1);
   check_shape(h0, "h0", {p.D, p.B, p.H}, "[D, B, H]");
 
   p.packed = batch_sizes.has_value();

@@ -69,7 +69,8 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
     check_like(h0, "h0", w_hh, "w_hh")
     if h0.dim() != 3:
         fail(f"h0 must have shape [D, B, H], got {list(h0.shape)}")
-    B = h0.shape[1]
+    # B is the input's batch size where the input has one (padded), so a wrong h0 is reported as h0's error.
+    B = xw_like.shape[1] if batch_sizes is None and xw_like.dim() == 4 else h0.shape[1]
     check_shape(h0, "h0", (D, B, H), "[D, B, H]")
     if batch_sizes is None:
         if xw_like.dim() != 4:

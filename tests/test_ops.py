@@ -276,7 +276,7 @@ BAD_INPUTS = [
     (dict(xw=torch.randn(4, 3, 1, 6)), r"xw must have shape \[T, B, D, H\] = \[4, 3, 1, 5\]"),
     (dict(w_hh=torch.randn(5, 5)), r"w_hh must have shape \[D, H, H\]"),
     (dict(w_hh=torch.randn(3, 5, 5)), r"w_hh must have shape \[D, H, H\] with D in \{1, 2\}"),
-    (dict(h0=torch.randn(1, 4, 5)), r"xw must have shape \[T, B, D, H\] = \[4, 4, 1, 5\]"),
+    (dict(h0=torch.randn(1, 4, 5)), r"h0 must have shape \[D, B, H\] = \[1, 3, 5\], got \[1, 4, 5\]"),
     (dict(h0=torch.randn(3, 5)), r"h0 must have shape \[D, B, H\]"),
     (dict(h0=torch.randn(1, 3, 5, dtype=torch.float64)), r"h0 must have the dtype of w_hh"),
     (dict(xw=torch.randn(4, 3, 1, 5, dtype=torch.float64)), r"xw must have the dtype of w_hh"),

@@ -234,3 +234,24 @@ def test_an_inf_in_the_state_stays_out_of_the_padded_lanes(path):
     ref_all, ref_last = R.recurrence_forward(xw.cpu().double(), w_hh.cpu().double(), h0.cpu().double())
     torch.testing.assert_close(h_all.cpu().double(), ref_all)
     torch.testing.assert_close(h_last.cpu().double(), ref_last)
+
+
+def test_an_older_triton_is_reported_unavailable_and_auto_falls_back(monkeypatch):
+    """triton < 3.4 lacks triton.knobs: the backend must say so (and `auto` pick another), not crash."""
+    import importlib
+
+    import triton
+
+    import rnn_fused.triton as triton_backend
+    from rnn_fused import backends
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    try:
+        importlib.reload(triton_backend)
+        assert "triton 3.2.0 is older than 3.4" in triton_backend.unavailable_reason()
+        assert "older than 3.4" in backends.unavailable_reason("triton", torch.device("cpu"), torch.float32)
+        assert backends.resolve("auto", torch.device("cpu"), torch.float32) == "cpu"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(triton_backend)
+    assert triton_backend.unavailable_reason() is None

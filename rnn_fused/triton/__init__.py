@@ -8,12 +8,26 @@ tensors under ``TRITON_INTERPRET=1``, which must be set before triton is first i
 
 from __future__ import annotations
 
+MIN_TRITON = (3, 4)  # triton.knobs (the interpreter switch the kernels read) is new in 3.4
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
 try:
     import triton  # noqa: F401
 except ImportError as error:
-    _REASON: str | None = f"triton is not installed ({error}); install it with `pip install triton`"
+    _REASON: str | None = f"triton is not installed ({error}); install it with `pip install 'triton>=3.4'`"
 else:
-    _REASON = None
+    _found = getattr(triton, "__version__", "0")
+    _REASON = (None if _version_tuple(_found) >= MIN_TRITON else
+               f"triton {_found} is older than {'.'.join(map(str, MIN_TRITON))}, which the kernels need; "
+               f"install it with `pip install 'triton>=3.4'`")
 
 if _REASON is None:
     from .recurrence import recurrence_backward, recurrence_forward
