@@ -495,9 +495,14 @@ def test_property_malformed_input_and_hx_raise_like_nn_rnn(case):
         got = _raised(lambda: ours(x, hx))
     if expected is None:
         assert got is None, f"{case}: nn.RNN accepts this, FusedRNN raised {got!r}"
-        out, h_n = ours(x, hx)
-        ref_out, ref_h = ref(x, hx)
-        assert torch.equal(torch.isnan(h_n), torch.isnan(ref_h))
+        with torch.no_grad():
+            out, h_n = ours(x, hx)
+            ref_out, ref_h = ref(x, hx)
+        if isinstance(out, PackedSequence):
+            out, ref_out = out.data, ref_out.data
+        tolerance = {} if module_dtype == F64 else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, ref_out, equal_nan=True, **tolerance)
+        torch.testing.assert_close(h_n, ref_h, equal_nan=True, **tolerance)
     else:
         assert type(got) is type(expected), f"{case}: nn.RNN raised {expected!r}, FusedRNN {got!r}"
 
@@ -623,7 +628,7 @@ def _leak_loop(rnn, x_padded, x_packed, calls):
 def test_many_forward_backward_calls_keep_memory_flat():
     """LEAK_CALLS forward+backward calls (padded and packed, bidirectional, 2 layers) on the cpu backend: the
     resident set grows by less than LEAK_SLACK after a warm-up, where a leak of one T*B*H tensor per call
-    would grow it by 125 MiB."""
+    would grow it by 625 MiB."""
     assert EXTENSION_ERROR is None, EXTENSION_ERROR
     torch.manual_seed(0)
     rnn = FusedRNN(LEAK_I, LEAK_H, 2, bidirectional=True, backend="cpu")
