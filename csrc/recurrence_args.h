@@ -20,7 +20,8 @@ enum class Activation { Tanh, Relu };
 Activation parse_activation(c10::string_view activation);
 
 // What the backward may do to g_t = dL/dh_t (the output's gradient plus the one carried back from step
-// t+1) before it becomes dz_t = g_t * act'(z_t); the semantics are stated once, in csrc/ops.cpp.
+// t+1) before it becomes dz_t = g_t * act'(z_t) (for relu a select); the semantics are stated once, in
+// csrc/ops.cpp.
 enum class ClipMode { None, Value, Norm };
 
 struct BackwardOptions {

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 ACTIVATIONS = ("tanh", "relu")
 INT64_MAX = 2**63 - 1
@@ -47,12 +48,6 @@ def check_shape(t: Tensor, name: str, expected, letters: str) -> None:
         fail(f"{name} must have shape {letters} = {list(expected)}, got {list(t.shape)}")
 
 
-def _values_known(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not is_fake(t) and t.device.type != "meta"
-
-
 def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None,
                  activation: str) -> Problem:
     """What both ops check (check_common of csrc/recurrence_args.cpp, the same order and messages)."""
@@ -85,10 +80,11 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
                 if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__)
         fail(f"batch_sizes must be a 1-D int64 CPU tensor [T] (as in PackedSequence), got {desc}")
     T = batch_sizes.shape[0]
-    if not _values_known(batch_sizes):
+    if is_fake(batch_sizes):  # tracing: N = sum(batch_sizes) is unknown, D and H are not
         if xw_like.dim() != 3:
             fail(f"{xw_name} must have shape [N, D, H] (packed) when batch_sizes is given, "
                  f"got {list(xw_like.shape)}")
+        check_shape(xw_like, xw_name, (xw_like.shape[0], D, H), "[N = sum(batch_sizes), D, H]")
         return Problem(T, B, D, H, None)
     sizes = batch_sizes.tolist()
     for t, rows in enumerate(sizes):

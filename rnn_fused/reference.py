@@ -170,10 +170,10 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     T = len(batch_sizes) if packed else h_all.shape[0]
     h_rows = _flat(h_all, packed)
     dh_rows = _flat(dh_all, packed) if dh_all is not None else torch.zeros_like(h_rows)
-    dz_rows = torch.empty_like(h_rows)
+    dz_rows = torch.empty_like(h_rows, memory_format=torch.contiguous_format)
     grad_norm = empty_grad_norm(h_all, record_norms)
     norm_rows = grad_norm.view(-1, D)  # [rows, D], like h_rows
-    dh0 = torch.empty_like(h0)
+    dh0 = torch.empty_like(h0, memory_format=torch.contiguous_format)
     steps = list(_steps(batch_sizes, T, B))
     for d in range(D):
         carry = dh_last[d].clone() if dh_last is not None else torch.zeros_like(h0[d])

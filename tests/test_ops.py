@@ -360,3 +360,16 @@ def test_cpu_kernel_rejects_half_with_a_hint():
     with pytest.raises(RuntimeError, match=r"CPU backend supports float32 and float64, got Half"):
         _bad("cpu", xw=torch.randn(4, 3, 1, 5).half(), w_hh=torch.randn(1, 5, 5).half(),
              h0=torch.randn(1, 3, 5).half())
+
+
+def test_fakes_check_shapes_while_tracing_packed_input():
+    """Under tracing the batch sizes are fake (their sum is unknown), but D and H of a packed xw still are."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        xw, w_hh, h0 = torch.randn(6, 1, 4), torch.randn(1, 5, 5), torch.randn(1, 3, 5)
+        batch_sizes = torch.tensor([3, 2, 1])
+        with pytest.raises(RuntimeError, match=r"xw must have shape \[N = sum\(batch_sizes\), D, H\] = \[6, 1, 5\]"):
+            torch.ops.rnn_fused.recurrence_forward(xw, w_hh, h0, batch_sizes, "tanh")
+        h_all, _ = torch.ops.rnn_fused.recurrence_forward(torch.randn(6, 1, 5), w_hh, h0, batch_sizes, "tanh")
+        assert h_all.shape == (6, 1, 5)

@@ -232,7 +232,6 @@ struct Warp {
 
 struct Cta {
   dim3 idx;
-  int threads;
   unsigned char* smem = nullptr;  // dynamic shared memory, exactly the launch's bytes
   std::unique_ptr<Barrier> sync;
   std::vector<std::unique_ptr<Warp>> warps;
@@ -245,7 +244,7 @@ struct ThreadState {
   int lane = 0, warp = 0;
   std::atomic<int> where{static_cast<int>(Where::Running)};
   std::atomic<int> line{0};        // of the last shuffle
-  std::atomic<uint64_t> syncs{0}, shuffles{0};
+  std::atomic<uint64_t> shuffles{0};
 };
 
 inline thread_local ThreadState* current = nullptr;
@@ -269,7 +268,6 @@ inline void syncthreads() {
   ThreadState& t = self();
   t.where.store(static_cast<int>(Where::SyncThreads), std::memory_order_relaxed);
   t.cta->sync->arrive_and_wait();
-  t.syncs.fetch_add(1, std::memory_order_relaxed);
   t.where.store(static_cast<int>(Where::Running), std::memory_order_relaxed);
 }
 
@@ -320,7 +318,6 @@ inline void check_width(int width, const char* name) {
 // ---- launches ------------------------------------------------------------------------------------------------
 
 struct Launch {
-  dim3 grid, block;
   std::vector<std::unique_ptr<Cta>> ctas;
   std::vector<std::unique_ptr<ThreadState>> states;
   const std::function<void()>* body = nullptr;
@@ -404,13 +401,10 @@ inline cudaError_t launch(dim3 grid, dim3 block, size_t smem, bool cooperative, 
     }
   }
   Launch l;
-  l.grid = grid;
-  l.block = block;
   l.body = &body;
   for (unsigned c = 0; c < grid.x; ++c) {
     auto cta = std::make_unique<Cta>();
     cta->idx = dim3(c);
-    cta->threads = threads;
     cta->sync = std::make_unique<Barrier>(threads);
     for (int w0 = 0; w0 < threads; w0 += 32) cta->warps.push_back(std::make_unique<Warp>(std::min(32, threads - w0)));
     for (int t = 0; t < threads; ++t) {
