@@ -1,6 +1,7 @@
-"""The op contract's Python half: the argument checks of the op boundary, with the messages of its C++ half
-(csrc/recurrence_args.cpp), for every implementation written in Python: the fake impls (rnn_fused/ops.py),
-the Triton ops and the reference. Semantics of the ops: csrc/ops.cpp.
+"""The op contract's Python half: the argument checks of the op boundary, in the order and with the words of
+its C++ half (csrc/recurrence_args.cpp; dtypes print as torch names, torch.float32 where C++ says Float), for
+every implementation written in Python: the fake impls (rnn_fused/ops.py), the Triton ops and the
+reference. Semantics of the ops: csrc/ops.cpp.
 
 Under torch.compile the batch sizes are fake tensors whose values are unknown; then only what needs no
 values is checked (ranks, shapes, dtypes, devices), and the rest is left to the kernel at run time.
