@@ -17,6 +17,16 @@ assert EXTENSION_ERROR is None, EXTENSION_ERROR
 COMPILED = [("cpu", "cpu")] + ([("cuda", "cuda")] if HAS_CUDA else [])
 
 
+def _skip_if_unavailable(backend: str, device: str = "cpu") -> None:
+    """Skips (saying why) a Triton case where triton cannot run; the compiled backends never skip (a broken
+    extension fails, see tests/conftest.py)."""
+    if backend != "triton":
+        return
+    reason = rnn_fused.backends.unavailable_reason(backend, torch.device(device), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def _grid_case(device, backend, dtype, nonlinearity, T, B, H, I=3, seed=0):
     """nn.RNN with random weights vs our layer with the same weights: outputs and every gradient."""
     torch.manual_seed(seed)
@@ -74,8 +84,7 @@ def test_relu_gradient_at_a_unit_that_is_off_is_zero_like_nn_rnn(backend):
     """An inf gradient arriving at a relu unit that is off gives 0 there, as nn.RNN's relu backward (a select);
     a product g * act' would give inf * 0 = NaN and spread it through every gradient."""
     device = "cuda" if backend in ("cuda", "triton") and HAS_CUDA else "cpu"
-    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device(device), torch.float32):
-        pytest.skip(rnn_fused.backends.unavailable_reason("triton", torch.device(device), torch.float32))
+    _skip_if_unavailable(backend, device)
     torch.manual_seed(0)
     T, B, I, H = 4, 3, 3, 6
     rnn = torch.nn.RNN(I, H, nonlinearity="relu", device=device)
@@ -109,8 +118,7 @@ def test_relu_gradient_at_a_unit_that_is_off_is_zero_like_nn_rnn(backend):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_value_clip_beyond_the_dtype_range_clamps_nothing(backend):
     """One rule on every backend: clip=1e300 in float32 rounds to inf and clamps nothing, an inf included."""
-    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32):
-        pytest.skip("triton unavailable")
+    _skip_if_unavailable(backend)
     xw, w_hh, h0, _ = _random_problem(1, False, torch.float32, "cpu")
     forward, backward = rnn_fused.bptt.backend_ops(backend)
     h_all, _ = forward(xw, w_hh, h0, None, "tanh")
@@ -224,8 +232,7 @@ def test_batch_sizes_that_overflow_int64_are_refused(device, backend):
 def test_outputs_are_contiguous_as_the_fakes_say(backend):
     """One output layout for every backend: contiguous, whatever the inputs' strides; opcheck's fake-tensor test
     compares the fake impls' promise with the kernels' outputs, strides included."""
-    if rnn_fused.backends.unavailable_reason(backend, torch.device("cpu"), torch.float32):
-        pytest.skip(rnn_fused.backends.unavailable_reason(backend, torch.device("cpu"), torch.float32))
+    _skip_if_unavailable(backend)
     xw = torch.randn(3, 4, 1, 5).transpose(0, 1)  # [4, 3, 1, 5], not contiguous
     w_hh, h0 = torch.randn(1, 5, 5) / 3, torch.randn(1, 3, 5)
     f = torch.compile(lambda a, b, c: rnn_fused.functional.recurrence(a, b, c, None, "tanh", backend)[0] * 2,
@@ -243,8 +250,7 @@ def test_outputs_are_contiguous_as_the_fakes_say(backend):
 @pytest.mark.parametrize("bptt_clip", [None, 1.0])
 def test_changing_batch_sizes_after_forward_does_not_change_gradients(backend, bptt_clip):
     """The backward uses the batch sizes of its forward, even if the caller's PackedSequence changes in between."""
-    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32):
-        pytest.skip("triton unavailable")
+    _skip_if_unavailable(backend)
     torch.manual_seed(0)
     x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 3, 2), [4, 2, 2])
 
@@ -313,8 +319,7 @@ def test_bad_inputs_raise_clear_errors(device, backend, override, message):
 def test_every_implementation_checks_the_op_contract(backend, override, message):
     """The same bad-input table, and the same messages, on the reference, the Triton ops and the fake impls
     (all arguments on the meta device): one contract (rnn_fused/contract.py mirrors the C++ checks)."""
-    if backend == "triton" and rnn_fused.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32):
-        pytest.skip("triton unavailable")
+    _skip_if_unavailable(backend)
     device = "meta" if backend == "meta" else "cpu"
     forward = rnn_fused.bptt.backend_ops("cpu" if backend == "meta" else backend)[0]
     args = dict(xw=torch.randn(4, 3, 1, 5), w_hh=torch.randn(1, 5, 5), h0=torch.randn(1, 3, 5), batch_sizes=None,
