@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import _extension, ops, reference
+from . import _extension, contract, ops, reference
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class BPTTOptions:
     on_grad_norm: Callable[[Tensor], None] | None = None
 
     def __post_init__(self):
-        reference.check_clip(self.clip_mode, self.clip)
+        contract.check_clip(self.clip_mode, self.clip)
 
     @property
     def active(self) -> bool:

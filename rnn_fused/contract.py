@@ -125,7 +125,8 @@ def check_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | Non
 
 
 def check_clip(clip_mode: str, clip: float) -> None:
-    """check_backward_options of csrc/recurrence_args.cpp."""
+    """The clip arguments of the backward (check_backward_options of csrc/recurrence_args.cpp): the one rule
+    for every backend's backward op and for ``bptt.BPTTOptions``, raising RuntimeError as the C++ op does."""
     if clip_mode not in ("none", "value", "norm"):
         fail(f"clip_mode must be 'none', 'value' or 'norm', got '{clip_mode}'")
     if clip_mode != "none" and not (clip == clip and abs(clip) != float("inf") and clip > 0):

@@ -31,8 +31,6 @@ of them still running at step t), ``w_hh`` ``[D, H, H]``, ``h0``/``h_last`` ``[D
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -141,13 +139,6 @@ def empty_grad_norm(h_all: Tensor, record_norms: bool) -> Tensor:
     return h_all.new_empty(h_all.shape[:-1] if record_norms else (0,), dtype=dtype)
 
 
-def check_clip(clip_mode: str, clip: float) -> None:
-    if clip_mode not in ("none", "value", "norm"):
-        raise ValueError(f"clip_mode must be 'none', 'value' or 'norm', got {clip_mode!r}")
-    if clip_mode != "none" and not (math.isfinite(clip) and clip > 0):
-        raise ValueError(f"clip must be a positive finite number when clip_mode is {clip_mode!r}, got {clip}")
-
-
 def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None, dh_last: Tensor | None,
                         batch_sizes: Tensor | None = None, activation: str = "tanh", clip_mode: str = "none",
                         clip: float = 0.0, record_norms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -163,8 +154,7 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     to ``g`` before act'; ``record_norms`` returns ``grad_norm``, ``||g||`` of every row before clipping, in
     h_all's shape without H (an empty tensor otherwise).
     """
-    check_clip(clip_mode, clip)
-    contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation)
+    contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, clip_mode, clip)
     packed = batch_sizes is not None
     D, B = w_hh.shape[0], h0.shape[1]
     T = len(batch_sizes) if packed else h_all.shape[0]

@@ -379,12 +379,15 @@ def test_ops_reject_bad_clip_arguments(backend):
     xw, w_hh, h0, _ = _op_problem(1, 4, 2, 2, False, dtype)
     h_all, _ = backend_ops(backend)[0](xw, w_hh, h0, None, "tanh")
     backward = backend_ops(backend)[1]
-    error = ValueError if backend == "reference" else RuntimeError
-    with pytest.raises(error, match=r"clip_mode must be 'none', 'value' or 'norm', got 'max'"):
+    # One rule (rnn_fused/contract.py check_clip), one exception type and message on every backend: the C++
+    # op's RuntimeError.
+    with pytest.raises(RuntimeError, match=r"rnn_fused: clip_mode must be 'none', 'value' or 'norm', got 'max'"):
         backward(w_hh, h_all, h0, None, None, None, "tanh", "max", 1.0, False)
-    with pytest.raises(error, match=r"clip must be a positive finite number when clip_mode is 'norm', got -1"):
+    with pytest.raises(RuntimeError,
+                       match=r"rnn_fused: clip must be a positive finite number when clip_mode is 'norm', got -1"):
         backward(w_hh, h_all, h0, None, None, None, "tanh", "norm", -1.0, False)
-    with pytest.raises(ValueError, match="clip must be a positive finite number"):
+    with pytest.raises(RuntimeError, match=r"rnn_fused: clip must be a positive finite number when clip_mode is "
+                                           r"'value', got nan"):
         BPTTOptions("value", math.nan)
 
 
