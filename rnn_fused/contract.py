@@ -1,7 +1,9 @@
 """The op contract's Python half: the argument checks of the op boundary, in the order and with the words of
-its C++ half (csrc/recurrence_args.cpp; dtypes print as torch names, torch.float32 where C++ says Float), for
-every implementation written in Python: the fake impls (rnn_fused/ops.py), the Triton ops and the
-reference. Semantics of the ops: csrc/ops.cpp.
+its C++ half (csrc/recurrence_args.cpp), for every implementation written in Python: the fake impls
+(rnn_fused/ops.py), the Triton ops and the reference. Semantics of the ops: csrc/ops.cpp.
+
+The messages are the C++ ones word for word, so a caller sees one message whichever backend runs: dtypes
+print as c10's ScalarType names (``Float``, not ``torch.float32``; see ``dtype_name``), shapes as ``[4, 3]``.
 
 Under torch.compile the batch sizes are fake tensors whose values are unknown; then only what needs no
 values is checked (ranks, shapes, dtypes, devices), and the rest is left to the kernel at run time.
@@ -31,6 +33,19 @@ class Problem:
     sizes: list | None
 
 
+# c10::toString(ScalarType), the words the C++ checks print for a dtype.
+_SCALAR_TYPE_NAMES = {
+    torch.float64: "Double", torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16",
+    torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+    torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble",
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``dtype`` as the C++ checks print it (``Float`` for torch.float32)."""
+    return _SCALAR_TYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
 def fail(message: str):
     raise RuntimeError(f"rnn_fused: {message}")
 
@@ -39,7 +54,7 @@ def check_like(t: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
     if not isinstance(t, Tensor):
         fail(f"{name} must be a tensor, got {'None' if t is None else type(t).__name__}")
     if t.dtype != ref.dtype:
-        fail(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {t.dtype}")
+        fail(f"{name} must have the dtype of {ref_name} ({dtype_name(ref.dtype)}), got {dtype_name(t.dtype)}")
     if t.device != ref.device:
         fail(f"{name} must be on the device of {ref_name} ({ref.device}), got {t.device}")
 
@@ -59,7 +74,7 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
     if w_hh.dim() != 3 or w_hh.shape[1] != w_hh.shape[2] or w_hh.shape[0] not in (1, 2):
         fail(f"w_hh must have shape [D, H, H] with D in {{1, 2}}, got {list(w_hh.shape)}")
     if not w_hh.dtype.is_floating_point:
-        fail(f"w_hh must be floating point, got {w_hh.dtype}")
+        fail(f"w_hh must be floating point, got {dtype_name(w_hh.dtype)}")
     D, H = w_hh.shape[0], w_hh.shape[1]
     check_like(xw_like, xw_name, w_hh, "w_hh")
     check_like(h0, "h0", w_hh, "w_hh")
@@ -77,7 +92,7 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
         return Problem(T, B, D, H, None)
     if (not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64
             or batch_sizes.device.type != "cpu"):
-        desc = (f"{batch_sizes.dtype} {list(batch_sizes.shape)} on {batch_sizes.device}"
+        desc = (f"{dtype_name(batch_sizes.dtype)} {list(batch_sizes.shape)} on {batch_sizes.device}"
                 if isinstance(batch_sizes, Tensor) else type(batch_sizes).__name__)
         fail(f"batch_sizes must be a 1-D int64 CPU tensor [T] (as in PackedSequence), got {desc}")
     T = batch_sizes.shape[0]

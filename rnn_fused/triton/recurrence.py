@@ -391,7 +391,8 @@ def _backward_step_kernel(
 def _check_dtype(w_hh: Tensor) -> None:
     """This backend's dtypes, checked after the op contract (rnn_fused/contract.py)."""
     if w_hh.dtype not in _DTYPES:
-        contract.fail(f"the Triton backend supports float32, float16 and bfloat16, got {w_hh.dtype}")
+        contract.fail("the Triton backend supports float32, float16 and bfloat16, got "
+                      f"{contract.dtype_name(w_hh.dtype)}")
 
 
 def _step_table(sizes: list, D: int, device: torch.device) -> Tensor:
