@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from . import onnx_export, scripting
 from .backends import check_name
 from .bptt import BPTTOptions
 from .diagnostics import GradFlow
@@ -45,7 +46,8 @@ def _check_same_device(input: Tensor, hx: Tensor) -> None:
 def _check_parameters(module: nn.RNNBase, input: Tensor, check_dtype: bool) -> None:
     """Every parameter on the input's device (nn.RNN's message) and, outside autocast, of its dtype: nn.RNN
     fails inside a matrix product there; a silently promoted parameter would compute in another dtype."""
-    for name, p in zip(module._flat_weights_names, module._flat_weights):
+    for name in module._flat_weights_names:
+        p = getattr(module, name)  # the attribute, not nn.RNN's _flat_weights cache (see FusedRNN.forward)
         if p is None:
             continue
         if p.device != input.device:
@@ -69,6 +71,11 @@ def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
     # clearer words.
     if hx.dtype != input.dtype:
         raise RuntimeError(f"hx dtype ({hx.dtype}) must match the input dtype ({input.dtype})")
+
+
+def _stacked(tensors: list[Tensor]) -> Tensor:
+    """Per-direction tensors stacked on a new leading direction axis (a view for one direction)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
 class FusedRNN(nn.RNNBase):
@@ -121,6 +128,10 @@ class FusedRNN(nn.RNNBase):
     def flatten_parameters(self) -> None:
         """No-op: the kernels read the parameters where they are (cuDNN's flat buffer is not used)."""
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles a twin that shares these parameters (rnn_fused/scripting.py)."""
+        return scripting.scriptable_twin(self)
+
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend!r}"
         if self.record_grad_norms:
@@ -145,22 +156,33 @@ class FusedRNN(nn.RNNBase):
         accumulation then shares between bias_ih.grad and bias_hh.grad: a second backward through a
         retained graph would double-count (seen with torch 2.14; tests/test_modules.py checks it).
         """
-        suffixes = ["", "_reverse"] if self.bidirectional else [""]
-
-        def stacked(tensors):
-            return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-        def params(kind: str):
-            tensors = [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes]
-            return tensors if dtype is None else [t.to(dtype) for t in tensors]
-
+        params = self._direction_parameters(layer, dtype)
         bias = None
         if self.bias:
-            bias = stacked([b_ih + b_hh for b_ih, b_hh in zip(params("bias_ih"), params("bias_hh"))])
-        return stacked(params("weight_ih")), stacked(params("weight_hh")), bias
+            bias = _stacked([b_ih + b_hh for b_ih, b_hh in zip(params["bias_ih"], params["bias_hh"])])
+        return _stacked(params["weight_ih"]), _stacked(params["weight_hh"]), bias
+
+    def _direction_parameters(self, layer: int, dtype: torch.dtype | None) -> dict[str, list[Tensor]]:
+        """One layer's parameters by kind (weight_ih, weight_hh, bias_ih, bias_hh), one per direction."""
+        suffixes = ["", "_reverse"] if self.bidirectional else [""]
+        kinds = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+        params = {kind: [getattr(self, f"{kind}_l{layer}{s}") for s in suffixes] for kind in kinds}
+        return params if dtype is None else {k: [t.to(dtype) for t in ts] for k, ts in params.items()}
+
+    def _onnx_layer(self, layer: int, x: Tensor, h0: Tensor, activation: str, dtype: torch.dtype | None):
+        """The layer as one ONNX RNN node (rnn_fused/onnx_export.py), the biases kept apart as ONNX has them."""
+        params = self._direction_parameters(layer, dtype)
+        b_ih, b_hh = (_stacked(params["bias_ih"]), _stacked(params["bias_hh"])) if self.bias else (None, None)
+        return onnx_export.rnn_layer(x, _stacked(params["weight_ih"]), _stacked(params["weight_hh"]), b_ih, b_hh,
+                                     h0, activation, self.backend)
 
     def forward(self, input, hx: Tensor | None = None):
-        self._update_flat_weights()
+        # Parameters are read by name (getattr, so parametrizations and reassigned attributes are seen), never
+        # from nn.RNN's _flat_weights cache: no _update_flat_weights() here, which torch.export would report
+        # as tensor attributes assigned during export.
+        exporting = onnx_export.exporting()
+        if exporting:  # first: a PackedSequence fails torch.export in the unpacking below, without our reason
+            onnx_export.check_exportable(input)
         num_directions = 2 if self.bidirectional else 1
         is_packed = isinstance(input, PackedSequence)
         is_batched = True
@@ -216,15 +238,20 @@ class FusedRNN(nn.RNNBase):
         layer_input = data
         h_n = []
         with torch.autocast(data.device.type, enabled=False) if compute_dtype else contextlib.nullcontext():
-            weights = [self._layer_weights(layer, compute_dtype) for layer in range(self.num_layers)]
-            if self.record_grad_norms:
+            weights = [] if exporting else [self._layer_weights(layer, compute_dtype)
+                                            for layer in range(self.num_layers)]
+            if self.record_grad_norms and not exporting:
                 T = len(batch_sizes) if is_packed else data.size(0)
                 self.grad_flow = GradFlow(self.num_layers, num_directions, T, max_batch_size,
                                           input if is_packed else None, [w_hh for _, w_hh, _ in weights])
-            for layer, (w_ih, w_hh, bias) in enumerate(weights):
+            for layer in range(self.num_layers):
                 h0 = hx[layer * num_directions:(layer + 1) * num_directions]
-                layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
-                                                 activation, self.backend, self._bptt_options(layer))
+                if exporting:
+                    layer_output, h_last = self._onnx_layer(layer, layer_input, h0, activation, compute_dtype)
+                else:
+                    w_ih, w_hh, bias = weights[layer]
+                    layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
+                                                     activation, self.backend, self._bptt_options(layer))
                 h_n.append(h_last)
                 # Dropout sits between layers only, in training only; h_n is taken before it.
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -252,6 +279,10 @@ class FusedRNNCell(nn.RNNCell):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles a twin that shares these parameters (rnn_fused/scripting.py)."""
+        return scripting.scriptable_twin(self)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if input.dim() not in (1, 2):
@@ -286,6 +317,10 @@ class FusedRNNCell(nn.RNNCell):
             input, hx = input.to(compute_dtype), hx.to(compute_dtype)
             weights = [w.to(compute_dtype) for w in weights]
         w_ih, w_hh = weights[:2]
+        if onnx_export.exporting():
+            b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
+            h = onnx_export.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, self.nonlinearity)
+            return h if is_batched else h.squeeze(0)
         # Biases summed before the unsqueeze, for the reason given in FusedRNN._layer_weights.
         bias = (weights[2] + weights[3]).unsqueeze(0) if self.bias else None
         with torch.autocast(input.device.type, enabled=False) if compute_dtype else contextlib.nullcontext():
