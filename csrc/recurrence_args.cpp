@@ -8,6 +8,8 @@
 #include <cmath>
 #include <limits>
 
+#include <c10/util/safe_numerics.h>
+
 namespace rnn_fused {
 
 Activation parse_activation(c10::string_view activation) {
@@ -16,7 +18,10 @@ Activation parse_activation(c10::string_view activation) {
   TORCH_CHECK(false, "rnn_fused: activation must be 'tanh' or 'relu', got '", std::string(activation), "'");
 }
 
+bool RecurrenceProblem::empty() const { return T == 0 || B == 0 || H == 0; }
+
 std::vector<Step> RecurrenceProblem::schedule(int64_t direction) const {
+  TORCH_INTERNAL_ASSERT(!empty(), "rnn_fused: schedule() of a problem with no work (return early instead)");
   std::vector<Step> steps(T);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = direction == 0 ? s : T - 1 - s;
@@ -45,6 +50,15 @@ void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef expected
               ", got ", shape_str(t));
 }
 
+// The kernels pass a step's rows (at most B) and a row's length D * H to BLAS and to kernel launches as int
+// (contract.py check_index_range mirrors this). A problem with no work never reaches them.
+void check_index_range(const RecurrenceProblem& p) {
+  constexpr int64_t kIntMax = std::numeric_limits<int>::max();
+  TORCH_CHECK(p.empty() || (p.B <= kIntMax && p.D * p.H <= kIntMax), "rnn_fused: B (", p.B, ") and D * H (",
+              p.D * p.H, ") must each be at most 2^31 - 1 = ", kIntMax,
+              ": the kernels pass them to BLAS and kernel launches as int");
+}
+
 RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, const at::Tensor& w_hh,
                                const at::Tensor& h0, const c10::optional<at::Tensor>& batch_sizes,
                                c10::string_view activation) {
@@ -70,6 +84,12 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
                 "batch_sizes is None, got ", shape_str(xw_like));
     p.T = xw_like.size(0);
     check_shape(xw_like, xw_name, {p.T, p.B, p.D, p.H}, "[T, B, D, H]");
+    if (p.empty()) {
+      // No work, and no T-long step table: a zero-element xw may claim T = 2^40 steps (of H = 0 units).
+      TORCH_CHECK(!c10::mul_overflows(p.T, p.B, &p.N), "rnn_fused: T * B overflows int64 (T = ", p.T,
+                  ", B = ", p.B, ")");
+      return p;
+    }
     p.batch_sizes.assign(p.T, p.B);
   } else {
     const at::Tensor& bs = *batch_sizes;
@@ -101,6 +121,7 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
   }
   p.N = n;
   if (p.packed) check_shape(xw_like, xw_name, {p.N, p.D, p.H}, "[N = sum(batch_sizes), D, H]");
+  check_index_range(p);
   return p;
 }
 

@@ -60,10 +60,15 @@ struct RecurrenceProblem {
   int64_t T = 0, B = 0, D = 0, H = 0, N = 0;
   bool packed = false;
   Activation activation = Activation::Tanh;
-  std::vector<int64_t> batch_sizes;  // [T], host copy
-  std::vector<int64_t> row_begin;    // [T], exclusive prefix sum of batch_sizes
+  // [T], host copy, and its exclusive prefix sum; both left empty when the problem is empty() (padded
+  // input may claim 2^40 steps of zero elements), which every kernel returns early on.
+  std::vector<int64_t> batch_sizes;
+  std::vector<int64_t> row_begin;
 
-  // The steps of direction `direction`, in visiting order (forward in time for 0, backward for 1).
+  // No work: T, B or H is 0.
+  bool empty() const;
+  // The steps of direction `direction`, in visiting order (forward in time for 0, backward for 1); not for
+  // an empty() problem.
   std::vector<Step> schedule(int64_t direction) const;
 };
 

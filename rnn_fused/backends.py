@@ -17,7 +17,7 @@ from . import _extension
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 _DTYPES = {
-    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),  # half types computed in float32
+    "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16),  # halves in float32 (below)
     "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
 }
@@ -86,14 +86,38 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
-def recurrence_forward_fn(backend: str):
-    """The differentiable forward of a concrete backend."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.rnn_fused.recurrence_forward
-    if backend == "triton":
+def recurrence_forward_fn(backend: str, bptt=None):
+    """The differentiable forward ``(xw, w_hh, h0, batch_sizes, activation) -> (h_all, h_last)`` of a
+    concrete backend, for every dtype the backend lists in ``_DTYPES``; with active ``bptt`` options
+    (rnn_fused/bptt.py) its backward runs under them."""
+    if bptt is not None and bptt.active:
+        from .bptt import recurrence_with_options
+
+        def forward(*args):
+            return recurrence_with_options(*args, backend, bptt)
+    elif backend in ("cpu", "cuda"):
+        forward = torch.ops.rnn_fused.recurrence_forward
+    elif backend == "triton":
         from . import triton as triton_backend
 
-        return triton_backend.recurrence_forward
-    from . import reference
+        forward = triton_backend.recurrence_forward
+    else:
+        from . import reference
 
-    return reference.recurrence_forward
+        forward = reference.recurrence_forward
+    return _halves_in_float32(forward) if backend == "cpu" else forward
+
+
+def _halves_in_float32(forward):
+    """The CPU backend's half types: its kernels take float32 and float64, so float16 and bfloat16 are
+    computed in float32 (fp32 accumulation and fp32 carried state, as the GPU kernels do) and only the
+    outputs are rounded to the input's dtype. The casts are differentiable: the gradients arrive in the
+    input's dtype too."""
+
+    def forward_upcast(xw, w_hh, h0, batch_sizes, activation):
+        if xw.dtype not in (torch.float16, torch.bfloat16):
+            return forward(xw, w_hh, h0, batch_sizes, activation)
+        h_all, h_last = forward(xw.float(), w_hh.float(), h0.float(), batch_sizes, activation)
+        return h_all.to(xw.dtype), h_last.to(xw.dtype)
+
+    return forward_upcast

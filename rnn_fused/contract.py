@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 ACTIVATIONS = ("tanh", "relu")
 INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class Problem:
     D: int
     H: int
     sizes: list | None
+
+    @property
+    def empty(self) -> bool:
+        """No work (T, B or H is 0): every implementation returns early, without a T-long step table."""
+        return self.T == 0 or self.B == 0 or self.H == 0
 
 
 # c10::toString(ScalarType), the words the C++ checks print for a dtype.
@@ -89,7 +95,7 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
                  f"got {list(xw_like.shape)}")
         T = xw_like.shape[0]
         check_shape(xw_like, xw_name, (T, B, D, H), "[T, B, D, H]")
-        return Problem(T, B, D, H, None)
+        return check_index_range(Problem(T, B, D, H, None))
     if (not isinstance(batch_sizes, Tensor) or batch_sizes.dim() != 1 or batch_sizes.dtype != torch.int64
             or batch_sizes.device.type != "cpu"):
         desc = (f"{dtype_name(batch_sizes.dtype)} {list(batch_sizes.shape)} on {batch_sizes.device}"
@@ -101,7 +107,7 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
             fail(f"{xw_name} must have shape [N, D, H] (packed) when batch_sizes is given, "
                  f"got {list(xw_like.shape)}")
         check_shape(xw_like, xw_name, (xw_like.shape[0], D, H), "[N = sum(batch_sizes), D, H]")
-        return Problem(T, B, D, H, None)
+        return check_index_range(Problem(T, B, D, H, None))
     sizes = batch_sizes.tolist()
     for t, rows in enumerate(sizes):
         if not 0 < rows <= (B if t == 0 else sizes[t - 1]):
@@ -117,7 +123,17 @@ def check_common(xw_like: Tensor, xw_name: str, w_hh: Tensor, h0: Tensor, batch_
             fail(f"sum(batch_sizes) overflows int64 at step {t} (batch_sizes[{t}] = {rows})")
         n += rows
     check_shape(xw_like, xw_name, (n, D, H), "[N = sum(batch_sizes), D, H]")
-    return Problem(T, B, D, H, sizes)
+    return check_index_range(Problem(T, B, D, H, sizes))
+
+
+def check_index_range(p: Problem) -> Problem:
+    """The C++ kernels pass a step's rows (at most B) and a row's length D * H to BLAS and to kernel launches
+    as int (check_index_range of csrc/recurrence_args.cpp): one limit for every backend, checked where there
+    is work (an empty problem reaches no kernel)."""
+    if not p.empty and (p.B > INT32_MAX or p.D * p.H > INT32_MAX):
+        fail(f"B ({p.B}) and D * H ({p.D * p.H}) must each be at most 2^31 - 1 = {INT32_MAX}: the kernels pass "
+             f"them to BLAS and kernel launches as int")
+    return p
 
 
 def check_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str) -> Problem:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from .backends import recurrence_forward_fn, resolve
-from .bptt import BPTTOptions, recurrence_with_options
+from .bptt import BPTTOptions
 
 
 def recurrence(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None = None,
@@ -18,17 +18,7 @@ def recurrence(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None 
     ``w_hh`` ``[D, H, H]``, ``h0`` ``[D, B, H]``. Differentiable w.r.t. ``xw``, ``w_hh`` and ``h0``.
     ``bptt``: in-BPTT clipping and gradient-norm recording (rnn_fused/bptt.py; eager mode only).
     """
-    name = resolve(backend, xw.device, xw.dtype)
-    if bptt is not None and bptt.active:
-        def forward(*args):
-            return recurrence_with_options(*args, name, bptt)
-    else:
-        forward = recurrence_forward_fn(name)
-    if name == "cpu" and xw.dtype in (torch.float16, torch.bfloat16):
-        # The CPU kernels compute half types in float32 (fp32 accumulation and fp32 carried state, as the
-        # GPU kernels do); only the outputs are rounded to the input's dtype.
-        h_all, h_last = forward(xw.float(), w_hh.float(), h0.float(), batch_sizes, activation)
-        return h_all.to(xw.dtype), h_last.to(xw.dtype)
+    forward = recurrence_forward_fn(resolve(backend, xw.device, xw.dtype), bptt)
     return forward(xw, w_hh, h0, batch_sizes, activation)
 
 

@@ -88,11 +88,15 @@ def recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor
     sequence keeps its last state (which is its ``h_last``) and, in the reverse direction, a sequence that
     has not started yet still holds its ``h0`` when it starts at its own last step.
     """
-    contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
+    p = contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
     act = activation_fn(activation)
+    if p.B == 0 or p.H == 0:
+        # Every tensor has zero elements: no loop over T (such an xw may claim 2^40 steps). One step's
+        # expressions on all rows at once, so that autograd reaches xw, w_hh and h0 as from the loop.
+        z = xw + torch.einsum("dbk,dhk->dh", h0, w_hh)
+        return act(z).contiguous(), act(h0 + torch.einsum("dbk,dhk->dbh", h0, w_hh))
     packed = batch_sizes is not None
-    D, B = w_hh.shape[0], h0.shape[1]
-    T = len(batch_sizes) if packed else xw.shape[0]
+    D, B, T = p.D, p.B, p.T
     xw_rows = _flat(xw, packed)
     steps = list(_steps(batch_sizes, T, B))
     outputs, finals = [], []
@@ -154,10 +158,15 @@ def recurrence_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor 
     to ``g`` before act'; ``record_norms`` returns ``grad_norm``, ``||g||`` of every row before clipping, in
     h_all's shape without H (an empty tensor otherwise).
     """
-    contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, clip_mode, clip)
+    p = contract.check_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, clip_mode, clip)
+    if p.empty:
+        # No work, no loop over T: the gradient of h_last (= h0) passes to h0; a row of H = 0 has norm 0.
+        dh0 = dh_last.clone(memory_format=torch.contiguous_format) if dh_last is not None else \
+            torch.zeros_like(h0, memory_format=torch.contiguous_format)
+        return (torch.empty_like(h_all, memory_format=torch.contiguous_format), dh0,
+                empty_grad_norm(h_all, record_norms).zero_())
     packed = batch_sizes is not None
-    D, B = w_hh.shape[0], h0.shape[1]
-    T = len(batch_sizes) if packed else h_all.shape[0]
+    D, B, T = p.D, p.B, p.T
     h_rows = _flat(h_all, packed)
     dh_rows = _flat(dh_all, packed) if dh_all is not None else torch.zeros_like(h_rows)
     dz_rows = torch.empty_like(h_rows, memory_format=torch.contiguous_format)

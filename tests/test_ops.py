@@ -364,10 +364,79 @@ def test_device_mismatch_names_the_argument():
         _bad("cpu", h0=torch.randn(1, 3, 5, device="cuda"))
 
 
-def test_cpu_kernel_rejects_half_with_a_hint():
-    with pytest.raises(RuntimeError, match=r"CPU backend supports float32 and float64, got Half"):
-        _bad("cpu", xw=torch.randn(4, 3, 1, 5).half(), w_hh=torch.randn(1, 5, 5).half(),
-             h0=torch.randn(1, 3, 5).half())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_kernel_rejects_half_with_a_hint_that_is_true(dtype):
+    """The C++ op takes Float and Double; its hint names the way the CPU backend takes half types, and that
+    way works: the CPU backend's own forward (rnn_fused/backends.py) computes them in float32."""
+    xw, w_hh, h0 = torch.randn(4, 3, 1, 5), torch.randn(1, 5, 5) / 5 ** 0.5, torch.randn(1, 3, 5)
+    with pytest.raises(RuntimeError, match=r"the CPU kernels take Float and Double, got (Half|BFloat16) \(float16 "
+                                           r"and bfloat16 run on backend='cpu' through rnn_fused.functional"):
+        _bad("cpu", xw=xw.to(dtype), w_hh=w_hh.to(dtype), h0=h0.to(dtype))
+    halves = [t.to(dtype).requires_grad_() for t in (xw, w_hh, h0)]
+    for forward in (rnn_fused.backends.recurrence_forward_fn("cpu"),
+                    lambda *a: rnn_fused.functional.recurrence(*a, backend="cpu")):
+        h_all, h_last = forward(*halves, None, "tanh")
+        assert h_all.dtype == h_last.dtype == dtype
+        # computed in float32, rounded once: exactly the float32 kernel's result rounded to the dtype
+        exact = torch.ops.rnn_fused.recurrence_forward(*(t.detach().float() for t in halves), None, "tanh")
+        assert torch.equal(h_all, exact[0].to(dtype)) and torch.equal(h_last, exact[1].to(dtype))
+        grads = torch.autograd.grad(h_all.sum() + h_last.sum(), halves)
+        assert all(g.dtype == dtype for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton", "meta"])
+@pytest.mark.parametrize("shape", [(2**40, 1, 1, 0), (2**40, 0, 1, 3)], ids=["H=0", "B=0"])
+def test_an_empty_problem_of_2_to_the_40_steps_does_no_work(backend, shape):
+    """A zero-element xw claiming 2^40 steps (H = 0 or B = 0) is no work: no T-long step table (csrc's
+    RecurrenceProblem, the reference's step list: MemoryError before) and no loop over T, on every backend;
+    the gradient of h_last still passes to h0."""
+    _skip_if_unavailable(backend)
+    T, B, D, H = shape
+    device = "meta" if backend == "meta" else "cpu"
+    forward, backward = rnn_fused.bptt.backend_ops("cpu" if backend == "meta" else backend)
+    xw = torch.empty(shape, device=device)
+    w_hh, h0 = torch.randn(D, H, H, device=device), torch.randn(D, B, H, device=device)
+    h_all, h_last = forward(xw, w_hh, h0, None, "tanh")
+    assert h_all.shape == xw.shape and h_last.shape == h0.shape
+    dh_last = torch.randn_like(h0)
+    # clipped, not recording: the norms of 2^40 rows of H = 0 would be a real 4 TiB output
+    dz, dh0, grad_norm = backward(w_hh, h_all, h0, None, dh_last, None, "tanh", "norm", 1.0, False)
+    assert dz.shape == xw.shape and dh0.shape == h0.shape and grad_norm.shape == (0,)
+    if backend != "meta":
+        assert torch.equal(dh0, dh_last)
+        leaves = [t.clone().requires_grad_() for t in (xw, w_hh, h0)]
+        h_all, h_last = rnn_fused.functional.recurrence(*leaves, backend=backend)
+        assert torch.equal(torch.autograd.grad(h_last, leaves[2], dh_last)[0], dh_last)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton", "meta"])
+def test_sizes_the_kernels_cannot_index_with_int_are_refused(backend):
+    """B >= 2^31 would reach BLAS (csrc/cpu) and the CUDA launches as a negative int: refused by the contract,
+    naming the sizes, on every backend alike. Expanded (CPU) or meta tensors: nothing is allocated."""
+    _skip_if_unavailable(backend)
+    device = "meta" if backend == "meta" else "cpu"
+    forward = rnn_fused.bptt.backend_ops("cpu" if backend == "meta" else backend)[0]
+    B = 2**31
+    xw = torch.zeros(1, 1, 1, 1, device=device).expand(1, B, 1, 1)
+    h0 = torch.zeros(1, 1, 1, device=device).expand(1, B, 1)
+    message = (r"rnn_fused: B \(2147483648\) and D \* H \(1\) must each be at most 2\^31 - 1 = 2147483647: the "
+               r"kernels pass them to BLAS and kernel launches as int")
+    with pytest.raises(RuntimeError, match=message):
+        forward(xw, torch.ones(1, 1, 1, device=device), h0, None, "tanh")
+    packed = torch.zeros(1, 1, 1, device=device).expand(B, 1, 1)
+    with pytest.raises(RuntimeError, match=message):
+        forward(packed, torch.ones(1, 1, 1, device=device), h0, torch.tensor([B]), "tanh")
+
+
+def test_the_int_range_rule_of_the_contract():
+    """contract.check_index_range on its own (sizes too large to build even on meta): D * H >= 2^31 is
+    refused, B = 2^31 - 1 passes, and a problem with no work passes whatever its sizes."""
+    from rnn_fused.contract import Problem, check_index_range
+
+    with pytest.raises(RuntimeError, match=r"B \(1\) and D \* H \(2147483648\) must each be at most 2\^31 - 1"):
+        check_index_range(Problem(T=1, B=1, D=2, H=2**30, sizes=None))
+    check_index_range(Problem(T=1, B=2**31 - 1, D=1, H=2**31 - 1, sizes=None))
+    check_index_range(Problem(T=2**40, B=2**40, D=2, H=0, sizes=None))
 
 
 def test_fakes_check_shapes_while_tracing_packed_input():

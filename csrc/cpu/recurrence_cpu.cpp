@@ -341,9 +341,12 @@ DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const at:
 }
 
 void check_cpu_dtype(const at::Tensor& w_hh) {
+  // Half types are the CPU backend's too, computed in float32 by its Python side (rnn_fused/backends.py):
+  // the hint says where, instead of sending the caller to the slow reference.
   TORCH_CHECK(w_hh.scalar_type() == at::kFloat || w_hh.scalar_type() == at::kDouble,
-              "rnn_fused: the CPU backend supports float32 and float64, got ", w_hh.scalar_type(),
-              " (use backend='reference' for other dtypes)");
+              "rnn_fused: the CPU kernels take Float and Double, got ", w_hh.scalar_type(),
+              " (float16 and bfloat16 run on backend='cpu' through rnn_fused.functional.recurrence or "
+              "FusedRNN, which compute them in float32)");
 }
 
 std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_in, const at::Tensor& w_hh_in,
@@ -355,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_i
   const at::Tensor xw = xw_in.contiguous(), w_hh = w_hh_in.contiguous(), h0 = h0_in.contiguous();
   at::Tensor h_all = at::empty_like(xw);
   at::Tensor h_last = h0.clone();  // T == 0 leaves each sequence at h0
-  if (p.T == 0 || p.B == 0 || p.H == 0) return {h_all, h_last};  // no work (B = 2^40 rows of H = 0 included)
+  if (p.empty()) return {h_all, h_last};  // no work (B = 2^40 rows of H = 0 included)
   const at::Tensor w_hh_t = w_hh.transpose(1, 2).contiguous();
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_forward_cpu", [&] {
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
@@ -385,7 +388,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
   at::Tensor dh0 = at::zeros_like(h0);
   at::Tensor carry = at::zeros_like(h0);  // [D, B, H]
   at::Tensor grad_norm = grad_norm_output(h_all, record_norms);
-  if (p.T == 0 || p.B == 0 || p.H == 0) {
+  if (p.empty()) {
     // No work: the gradient of h_last (= h0 when T == 0) passes to h0; a row of H = 0 has norm 0.
     if (record_norms) grad_norm.zero_();
     if (p.T == 0 && dh_last.defined()) dh0.copy_(dh_last);

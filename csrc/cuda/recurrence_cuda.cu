@@ -58,7 +58,7 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cuda(const at::Tensor& xw_
   const c10::cuda::CUDAGuard guard(w_hh_in.device());
   const at::Tensor xw = xw_in.contiguous(), w_hh = w_hh_in.contiguous(), h0 = h0_in.contiguous();
   at::Tensor h_all = at::empty_like(xw, at::MemoryFormat::Contiguous);
-  if (p.T == 0 || p.B == 0 || p.H == 0) return {h_all, h0.clone()};  // each sequence stays at h0
+  if (p.empty()) return {h_all, h0.clone()};  // each sequence stays at h0
   at::Tensor h_last = at::empty_like(h0);  // every row ends at some step, so every row is written
   const PersistentPlan plan = choose(p, xw.scalar_type(), /*backward=*/false);
   if (plan.ok) {
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cuda(
   const at::Tensor dh_last = dh_last_in.has_value() ? dh_last_in->contiguous() : at::Tensor();
   at::Tensor dz = at::empty_like(h_all, at::MemoryFormat::Contiguous);
   at::Tensor grad_norm = grad_norm_output(h_all, record_norms);
-  if (p.T == 0 || p.B == 0 || p.H == 0) {
+  if (p.empty()) {
     // No step: the gradient of h_last (= h0) passes straight to h0; a row of H = 0 has norm 0.
     if (record_norms) grad_norm.zero_();
     return {dz, dh_last.defined() ? dh_last.clone() : at::zeros_like(h0_in, at::MemoryFormat::Contiguous),
