@@ -236,6 +236,33 @@ def test_an_inf_in_the_state_stays_out_of_the_padded_lanes(path):
     torch.testing.assert_close(h_last.cpu().double(), ref_last)
 
 
+@pytest.mark.parametrize("B,D,H", [
+    (20, 2, 3),  # small: the same check where it runs everywhere (the interpreter)
+    # i_d * B + row passes 2^31 for the last rows of direction 1 (int32 before: they wrote over other rows)
+    pytest.param(2**30 + 16, 2, 1, marks=pytest.mark.gpu),
+    # a W_hh row offset o_n * H passes 2^31 (H above 46341; the step path; 4.3 GB of float16 W_hh)
+    pytest.param(1, 1, 46342, marks=pytest.mark.gpu),
+])
+def test_index_math_is_int64_past_2_to_the_31(B, D, H):
+    """One step, forward and backward, in float16, against the same step written in torch (float32). The
+    large cases need a GPU with tens of GB (tests/conftest.py skips them without one)."""
+    torch.manual_seed(0)
+    xw = torch.randn(1, B, D, H, device=DEVICE, dtype=torch.float16)
+    w_hh = (torch.randn(D, H, H, device=DEVICE, dtype=torch.float16) / H ** 0.5)
+    h0 = torch.randn(D, B, H, device=DEVICE, dtype=torch.float16)
+    h_all, h_last = K.recurrence_forward(xw, w_hh, h0, None, "tanh")
+    expected = torch.tanh(xw[0].float() + torch.einsum("dhk,bdk->bdh", w_hh.float(), h0.transpose(0, 1).float()))
+    torch.testing.assert_close(h_all[0].float(), expected, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(h_last.float(), expected.transpose(0, 1), atol=2e-3, rtol=2e-3)
+    del expected, h_last
+    dh_all = torch.ones_like(h_all)
+    dz, dh0, _ = K.recurrence_backward(w_hh, h_all, h0, dh_all, None, None, "tanh")
+    dz_expected = 1 - h_all[0].float() ** 2
+    torch.testing.assert_close(dz[0].float(), dz_expected, atol=2e-3, rtol=2e-3)
+    dh0_expected = torch.einsum("dhk,bdh->dbk", w_hh.float(), dz[0].float())
+    torch.testing.assert_close(dh0.float(), dh0_expected, atol=2e-2, rtol=2e-2)
+
+
 def test_an_older_triton_is_reported_unavailable_and_auto_falls_back(monkeypatch):
     """triton < 3.4 lacks triton.knobs: the backend must say so (and `auto` pick another), not crash."""
     import importlib

@@ -27,6 +27,9 @@ microseconds in Python; not yet measured): capture a whole call in a CUDA graph,
 from the host each call). The threshold is ``MAX_REGISTER_H``, a module constant, so the crossover can be
 measured by moving it (the tests lower it to run the step path at small H).
 
+Index math is int64 wherever a product can pass 2^31 (i_d * B + row with B near 2^31, a W_hh row times H
+for H above 46340); the contract (rnn_fused/contract.py) keeps B and D * H themselves within int.
+
 Variable lengths: the host builds the per-direction step table ``steps [D, T, 4]`` int64 on the device,
 (rows, row_begin, carried, continuing) per visited step as in csrc/recurrence_args.h Step; padded input
 passes no table (VARLEN=False) and the kernels derive rows = B, row_begin = t*B. Every accumulation and
@@ -139,7 +142,7 @@ def _row_sq(b_g):
 def _step(steps, i_d, s, T, B, VARLEN: tl.constexpr):
     """(rows, row_begin, carried, continuing) of visited step s of direction i_d (see the module doc)."""
     if VARLEN:
-        p_step = steps + (i_d * T + s) * 4
+        p_step = steps + (i_d.to(tl.int64) * T + s) * 4
         return tl.load(p_step), tl.load(p_step + 1), tl.load(p_step + 2), tl.load(p_step + 3)
     else:
         t = tl.where(i_d == 0, s, T - 1 - s)
@@ -166,9 +169,9 @@ def _forward_register_kernel(
     o_h = tl.arange(0, BLOCK_H)
     m_b, m_h = o_b < B, o_h < H
     # b_wt[k, n] = W_hh[d, n, k], zero outside H, so padded columns of the state stay 0
-    p_wt = w_hh + i_d.to(tl.int64) * H * H + o_h[None, :] * H + o_h[:, None]
+    p_wt = w_hh + i_d.to(tl.int64) * H * H + o_h[None, :].to(tl.int64) * H + o_h[:, None]
     b_wt = tl.load(p_wt, mask=m_h[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-    p_state = (i_d * B + o_b[:, None]).to(tl.int64) * H + o_h[None, :]
+    p_state = (i_d.to(tl.int64) * B + o_b[:, None]) * H + o_h[None, :]
     m_state = m_b[:, None] & m_h[None, :]
     b_h = tl.load(h0 + p_state, mask=m_state, other=0.0).to(tl.float32)  # [BLOCK_B, BLOCK_H] fp32 state
     for s in range(T):
@@ -212,9 +215,9 @@ def _backward_register_kernel(
     o_h = tl.arange(0, BLOCK_H)
     m_b, m_h = o_b < B, o_h < H
     # b_w[k, n] = W_hh[d, k, n]: the carry W^T dz in row form is dz @ W
-    p_w = w_hh + i_d.to(tl.int64) * H * H + o_h[:, None] * H + o_h[None, :]
+    p_w = w_hh + i_d.to(tl.int64) * H * H + o_h[:, None].to(tl.int64) * H + o_h[None, :]
     b_w = tl.load(p_w, mask=m_h[:, None] & m_h[None, :], other=0.0).to(tl.float32)
-    p_state = (i_d * B + o_b[:, None]).to(tl.int64) * H + o_h[None, :]
+    p_state = (i_d.to(tl.int64) * B + o_b[:, None]) * H + o_h[None, :]
     m_state = m_b[:, None] & m_h[None, :]
     if HAS_DH_LAST:
         b_c = tl.load(dh_last + p_state, mask=m_state, other=0.0).to(tl.float32)  # fp32 carried gradient
@@ -284,14 +287,14 @@ def _forward_step_kernel(
     o_b = i_b * BLOCK_B + tl.arange(0, BLOCK_B)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_r, m_n = o_b < rows, o_n < H
-    p_state = (i_d * B + o_b[:, None]).to(tl.int64) * H
+    p_state = (i_d.to(tl.int64) * B + o_b[:, None]) * H
     b_z = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < H
         b_h = tl.load(h_src + p_state + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
         # b_wt[k, n] = W_hh[d, n, k]
-        p_wt = w_hh + i_d.to(tl.int64) * H * H + o_n[None, :] * H + o_k[:, None]
+        p_wt = w_hh + i_d.to(tl.int64) * H * H + o_n[None, :].to(tl.int64) * H + o_k[:, None]
         b_wt = tl.load(p_wt, mask=m_k[:, None] & m_n[None, :], other=0.0).to(tl.float32)
         b_z += tl.dot(b_h, b_wt, input_precision="ieee")
     m = m_r[:, None] & m_n[None, :]
@@ -351,7 +354,7 @@ def _backward_step_kernel(
     m_r, m_n = o_b < rows, o_n < H
     m_carry_r = (o_b < continuing)[:, None]
     m_end_r = (m_r & (o_b >= continuing))[:, None]
-    p_state = (i_d * B + o_b[:, None]).to(tl.int64) * H
+    p_state = (i_d.to(tl.int64) * B + o_b[:, None]) * H
     i_row = (row_begin + o_b[:, None]).to(tl.int64) * D + i_d
     b_c = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
     b_sq = tl.zeros([BLOCK_B], dtype=tl.float64)
@@ -365,7 +368,7 @@ def _backward_step_kernel(
         if CLIP_MODE == CLIP_VALUE:
             b_g = _clip(b_g, None, clip, CLIP_MODE)
         # b_w[k, n] = W_hh[d, k, n]: carry = dz @ W
-        p_w = w_hh + i_d.to(tl.int64) * H * H + o_k[:, None] * H + o_n[None, :]
+        p_w = w_hh + i_d.to(tl.int64) * H * H + o_k[:, None].to(tl.int64) * H + o_n[None, :]
         b_w = tl.load(p_w, mask=(o_k < H)[:, None] & m_n[None, :], other=0.0).to(tl.float32)
         b_c += tl.dot(_activation_backward(b_g, b_h, ACTIVATION), b_w, input_precision="ieee")
     b_norm = tl.sqrt(b_sq)
