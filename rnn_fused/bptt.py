@@ -71,7 +71,7 @@ class _RecurrenceWithOptions(torch.autograd.Function):
             raise RuntimeError("rnn_fused: in-BPTT clipping and gradient-norm recording do not support "
                                "create_graph=True (double backward); build the model without bptt_clip and "
                                "record_grad_norms for gradient penalties")
-        w_hh, h0, h_all = ctx.saved_tensors
+        w_hh, h0, h_all = ops.saved_tensors(ctx)
         o = ctx.options
         dz, dh0, grad_norm = ctx.backward_op(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation,
                                            o.clip_mode, float(o.clip), o.on_grad_norm is not None)

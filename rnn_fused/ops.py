@@ -82,6 +82,27 @@ def weight_grad(dz: Tensor, h_all: Tensor, h0: Tensor, batch_sizes: Tensor | Non
     return torch.stack(grads)
 
 
+def saved_tensors(ctx) -> tuple[Tensor, ...]:
+    """``ctx.saved_tensors`` of the op's autograd, saying what to do when one was modified in place.
+
+    The rule saves ``h_all``, the output the caller gets, rather than a copy of it: a copy would cost 4-6% of
+    the CPU forward (2-3% of forward + backward) and T*B*D*H more memory in training (benchmarks/NOTES.md,
+    "In-place ops on the output"). So an in-place op on the output before backward (``F.relu(out,
+    inplace=True)``, ``out.mul_(2)``, ``out += x``), which nn.RNN's CPU path allows, raises here as it would
+    for any torch op that saves its output (torch.tanh, torch.exp): this says why and what to write instead.
+    """
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(
+            "rnn_fused: the recurrence's output (h_all, the RNN layer's output) is saved for its backward "
+            "and was modified in place before backward (e.g. F.relu(out, inplace=True), out.mul_(2), out += x), "
+            "or w_hh / h0 were; apply the op out of place (out = F.relu(out)) or on a copy (out = out.clone())"
+        ) from error
+
+
 def register(forward_op: str, backward_op: str) -> None:
     """Registers fake impls for both ops and the autograd rule of ``forward_op`` (qualified names)."""
     torch.library.register_fake(forward_op)(fake_forward)
@@ -97,7 +118,7 @@ def register(forward_op: str, backward_op: str) -> None:
         ctx.activation = activation
 
     def backward_rule(ctx, dh_all, dh_last):
-        w_hh, h0, h_all = ctx.saved_tensors
+        w_hh, h0, h_all = saved_tensors(ctx)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (dh_all, dh_last, w_hh, h0, h_all)):
             # create_graph=True (gradient penalties differentiate the gradient): the kernels have no

@@ -450,3 +450,41 @@ def test_fakes_check_shapes_while_tracing_packed_input():
             torch.ops.rnn_fused.recurrence_forward(xw, w_hh, h0, batch_sizes, "tanh")
         h_all, _ = torch.ops.rnn_fused.recurrence_forward(torch.randn(6, 1, 5), w_hh, h0, batch_sizes, "tanh")
         assert h_all.shape == (6, 1, 5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "reference"])
+@pytest.mark.parametrize("bptt", [None, rnn_fused.bptt.BPTTOptions("norm", 1.0)], ids=["plain", "options"])
+@pytest.mark.parametrize("inplace", ["relu_", "mul_", "add_"])
+def test_an_in_place_op_on_the_output_before_backward(backend, bptt, inplace):
+    """The kernels' autograd saves the output instead of a copy (the copy's cost: benchmarks/NOTES.md), so an
+    in-place op on it before backward raises, saying why and what to write instead (torch's own message named
+    neither); the plain reference (autograd through its loop) saves no output and works like nn.RNN."""
+    _skip_if_unavailable(backend)
+    torch.manual_seed(0)
+    rnn = torch.nn.RNN(3, 4)
+    x = torch.randn(5, 2, 3)
+    params = [p.detach().unsqueeze(0).requires_grad_() for p in rnn.parameters()]
+
+    def apply(out):
+        return {"relu_": lambda: torch.nn.functional.relu(out, inplace=True), "mul_": lambda: out.mul_(2),
+                "add_": lambda: out.add_(x.sum(-1, keepdim=True))}[inplace]()
+
+    out, _ = rnn_layer(x, *params, backend=backend, bptt=bptt)
+    if backend == "reference" and bptt is not None:
+        # the options' autograd.Function (rnn_fused/bptt.py) saves h_all on every backend; for the reference
+        # (whose h_all is a view) torch refuses the in-place op itself
+        with pytest.raises(RuntimeError, match=r"is being modified inplace"):
+            apply(out)
+        return
+    apply(out)
+    if backend != "reference":
+        with pytest.raises(RuntimeError, match=r"rnn_fused: the recurrence's output \(h_all, the RNN layer's output\) "
+                                               r"is saved for its backward and was modified in place.*out = out.clone\(\)"):
+            out.sum().backward()
+        return
+    out.sum().backward()
+    expected, _ = rnn(x)
+    apply(expected)
+    expected.sum().backward()
+    for ours, theirs in zip(params, rnn.parameters()):
+        torch.testing.assert_close(ours.grad[0], theirs.grad)
