@@ -3,12 +3,13 @@ the comparison. Timing numbers themselves are not asserted (they depend on the m
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
 import torch
 
-from rnn_fused.bench import cases as C, compare, gate, report, runner, timing, workload
+from rnn_fused.bench import cases as C, compare, gate, latency, report, runner, timing, workload
 from rnn_fused.bench import providers as P
 from rnn_fused.bench.__main__ import main
 from rnn_fused.bench.flashrnn_adapter import FlashRNN
@@ -322,3 +323,170 @@ def test_forced_persistent_skips_the_plans_refusal_and_reports_other_errors():
 def test_mixed_lengths_span_a_quarter_to_full():
     lengths = workload.mixed_lengths(64, 8, torch.Generator().manual_seed(0))
     assert lengths.max() == 64 and lengths.min() == 16 and len(set(lengths.tolist())) == 8
+
+
+# --- the per-call latency sweep (rnn_fused/bench/latency.py) ---------------------------------------------------------
+
+_original_fused = latency.fused_module
+
+
+def _latency_doc(cases, rounds=3):
+    return latency.run_sweep(cases, {"command": "test"}, rounds=rounds, min_sample_us=20.0)
+
+
+def _check_timed(provider, rounds):
+    assert provider["status"] == "ok", provider
+    assert len(provider["samples_us"]) == rounds and all(s > 0 for s in provider["samples_us"])
+    assert 0 < provider["p20_us"] <= provider["median_us"] <= provider["p80_us"]
+
+
+def test_latency_grid_is_issue_17s():
+    cases = latency.latency_cases()
+    assert {(c.T, c.B, c.H) for c in cases if not c.cell} == {(T, B, H) for T in (1, 2, 4, 8, 16, 64)
+                                                                for B in (1, 8) for H in (64, 256)}
+    assert {(c.B, c.H) for c in cases if c.cell} == {(B, H) for B in (1, 8) for H in (64, 256)}
+    assert all({c.mode for c in cases if (c.T, c.B, c.H) == (x.T, x.B, x.H)} == set(C.MODES) for x in cases)
+    assert len({c.id for c in cases}) == len(cases) == 56
+    # ONNX Runtime: forward of the sequence cases only
+    assert latency.LatencyCase(1, 1, 64).providers() == ["nn.RNN", "FusedRNN", "onnxruntime"]
+    assert latency.LatencyCase(1, 1, 64, "train").providers() == ["nn.RNN", "FusedRNN"]
+    assert latency.LatencyCase(None, 1, 64).providers() == ["nn.RNNCell", "FusedRNNCell"]
+    assert [c.id for c in latency.latency_cases(["T1 B1 H64"])] == ["latency fwd T1 B1 H64",
+                                                                     "latency fwd+bwd T1 B1 H64"]
+
+
+def test_latency_sweep_writes_per_round_samples_and_ratios(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    cases = [latency.LatencyCase(3, 2, 8, m) for m in C.MODES] + [latency.LatencyCase(None, 2, 8, m)
+                                                                   for m in C.MODES]
+    doc = _latency_doc(cases, rounds=4)
+    json_path, md_path = latency.write(doc, tmp_path)
+    doc = json.loads(json_path.read_text())
+    assert doc["schema"] == latency.SCHEMA and doc["command"] == "test" and doc["rounds"] == 4
+    assert doc["threads"] == torch.get_num_threads() and doc["onnxruntime"]["skipped"] is None
+    assert [r["case_id"] for r in doc["results"]] == [c.id for c in cases]
+    for r, case in zip(doc["results"], cases):
+        assert r["status"] == "ok" and r["inner_calls"] >= 1
+        assert list(r["providers"]) == case.providers()
+        for p in r["providers"].values():
+            _check_timed(p, 4)
+        expected = {f"{case.fused_name} / {case.torch_name}"}
+        if "onnxruntime" in case.providers():
+            expected |= {f"onnxruntime / {case.torch_name}", f"{case.fused_name} / onnxruntime"}
+        assert set(r["ratios"]) == expected
+        for ratio in r["ratios"].values():
+            assert all(math.isfinite(v) and v > 0 for v in ratio.values())
+            assert ratio["p20"] <= ratio["median"] <= ratio["p80"]
+    md = md_path.read_text()
+    assert "| fwd T3 B2 H8 |" in md and "| fwd+bwd cell B2 H8 |" in md and "FAILED" not in md
+
+
+def _shifted(build):
+    """``build`` whose module's outputs are off by 1e-3: the gate must catch it."""
+    def wrong(case, baseline):
+        model = build(case, baseline)
+        forward = model.forward
+
+        def shifted(x, h0=None):
+            out = forward(x, h0)
+            return tuple(t + 1e-3 for t in out) if isinstance(out, tuple) else out + 1e-3
+        model.forward = shifted
+        return model
+    return wrong
+
+
+def _doubled_gradient(build):
+    """``build`` whose module's outputs are right and whose gradients are twice too large."""
+    def wrong(case, baseline):
+        model = build(case, baseline)
+        forward = model.forward
+
+        def doubled(x, h0=None):
+            out = forward(x, h0)
+            return (_Doubler.apply(out[0]), out[1]) if isinstance(out, tuple) else _Doubler.apply(out)
+        model.forward = doubled
+        return model
+    return wrong
+
+
+@pytest.mark.parametrize("cell", [False, True])
+def test_latency_gate_reports_a_wrong_fused_module_failed_and_does_not_time_it(cell, monkeypatch):
+    T = None if cell else 2
+    cases = [latency.LatencyCase(T, 2, 8, m) for m in C.MODES]
+    monkeypatch.setattr(latency, "fused_module", _shifted(latency.fused_module))
+    doc = _latency_doc(cases)
+    assert latency.failed(doc)
+    for r, case in zip(doc["results"], cases):
+        fused = r["providers"][case.fused_name]
+        assert r["status"] == "FAILED" and fused["status"] == "FAILED" and "samples_us" not in fused
+        assert ("h" if cell else "output") in fused["reason"]
+        _check_timed(r["providers"][case.torch_name], 3)  # the others are still timed
+        assert f"{case.fused_name} / {case.torch_name}" not in r["ratios"]
+    assert "FAILED" in latency.markdown(doc)
+    # Right outputs, wrong gradients: caught in fwd+bwd only.
+    monkeypatch.setattr(latency, "fused_module", _doubled_gradient(_original_fused))
+    doc = _latency_doc(cases)
+    forward, train = doc["results"]
+    assert forward["status"] == "ok" and train["status"] == "FAILED"
+    assert "grad" in train["providers"][cases[1].fused_name]["reason"]
+
+
+def test_latency_gate_checks_onnx_runtime_too(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    original = latency.ort_call
+
+    def wrong(*args):
+        timed, result = original(*args)
+        return timed, lambda: {k: v + 1e-3 for k, v in result().items()}
+    monkeypatch.setattr(latency, "ort_call", wrong)
+    (r,) = _latency_doc([latency.LatencyCase(2, 2, 8)])["results"]
+    assert r["status"] == "FAILED" and r["providers"]["onnxruntime"]["status"] == "FAILED"
+    _check_timed(r["providers"]["FusedRNN"], 3)
+    assert set(r["ratios"]) == {"FusedRNN / nn.RNN"}
+
+
+def test_latency_reports_onnx_runtime_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setattr(latency, "onnx_unavailable", lambda: "onnx and onnxruntime are needed (test)")
+    doc = _latency_doc([latency.LatencyCase(1, 1, 8)])
+    (r,) = doc["results"]
+    assert r["status"] == "ok" and r["providers"]["onnxruntime"] == {"status": "skipped",
+                                                                    "reason": "onnx and onnxruntime are needed (test)"}
+    assert doc["onnxruntime"]["skipped"] and "ONNX Runtime skipped: onnx and onnxruntime" in latency.markdown(doc)
+
+
+def test_latency_command_line(tmp_path):
+    assert latency.main(["--rounds", "3", "--filter", "fwd T1 B1 H64", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "latency.json").read_text())
+    assert [r["case_id"] for r in doc["results"]] == ["latency fwd T1 B1 H64"]
+    assert "rnn_fused.bench.latency" in doc["command"] and doc["environment"]["torch_threads"] == 1
+    assert doc["threads"] == 1 and (tmp_path / "latency.md").exists()
+
+
+def test_quick_preset_runs_the_latency_sweep_and_dry_run_lists_it(capsys):
+    assert C.PRESETS["quick"].latency and not C.PRESETS["standard"].latency
+    assert main(["--preset", "quick", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "56 latency cases" in out
+    assert "latency fwd T1 B1 H64" in out and "latency fwd+bwd cell B8 H256" in out
+    assert main(["--preset", "gpu-quick", "--dry-run"]) == 0
+    assert "latency" not in capsys.readouterr().out
+
+
+def test_a_preset_with_latency_writes_it_next_to_results_json(monkeypatch, tmp_path):
+    preset = C.Preset(name="tiny-latency", description="test", device="cpu", timing=TINY_POLICY,
+                      grid=lambda device: [TINY], latency=True)
+    monkeypatch.setitem(C.PRESETS, "tiny-latency", preset)
+    monkeypatch.setattr(latency, "latency_cases", lambda texts=None: [latency.LatencyCase(None, 1, 8)])
+    monkeypatch.setattr(latency, "DEFAULT_ROUNDS", 3)
+    monkeypatch.setattr(latency, "MIN_SAMPLE_US", 20.0)
+    out = tmp_path / "run"
+    assert main(["--preset", "tiny-latency", "--backends", "cpu", "--no-plots", "--out", str(out)]) == 0
+    doc = json.loads((out / "latency.json").read_text())
+    assert doc["results"][0]["case_id"] == "latency fwd cell B1 H8" and doc["rounds"] == 3
+    assert doc["environment"]["command"] == json.loads((out / "results.json").read_text())["environment"]["command"]
+    assert (out / "latency.md").read_text().startswith("## Per-call latency")
+    # A FAILED latency provider fails the run, as a FAILED suite provider does.
+    monkeypatch.setattr(latency, "fused_module", _shifted(_original_fused))
+    assert main(["--preset", "tiny-latency", "--backends", "cpu", "--no-plots", "--out", str(out)]) == 1

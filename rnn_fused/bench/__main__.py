@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import compare as compare_mod, env, report, runner
+from . import compare as compare_mod, env, latency, report, runner
 from .cases import PRESETS, default_preset, resolve_device
 from .providers import ALL_PROVIDERS, BASELINE, make_providers
 
@@ -57,7 +57,7 @@ def filter_cases(cases, texts):
     return [c for c in cases if all(t in c.id for t in texts or ())]
 
 
-def dry_run(preset, device, cases, providers, excluded, console) -> int:
+def dry_run(preset, device, cases, providers, excluded, latency_cases, console) -> int:
     table = Table(title=f"preset {preset.name} on {device}: {len(cases)} cases x {len(providers)} providers")
     table.add_column("#", justify="right")
     table.add_column("case")
@@ -73,6 +73,15 @@ def dry_run(preset, device, cases, providers, excluded, console) -> int:
     for name, why in excluded.items():
         console.print(f"excluded by the preset: {name}: {why}")
     console.print(f"{len(cases)} cases")
+    if latency_cases:
+        table = Table(title=f"then the latency sweep (rnn_fused/bench/latency.py, CPU): {len(latency_cases)} cases")
+        table.add_column("#", justify="right")
+        table.add_column("latency case")
+        table.add_column("providers")
+        for i, c in enumerate(latency_cases, 1):
+            table.add_row(str(i), c.id, ", ".join(c.providers()))
+        console.print(table)
+        console.print(f"{len(latency_cases)} latency cases, {latency.DEFAULT_ROUNDS} interleaved rounds each")
     return 0
 
 
@@ -103,13 +112,15 @@ def main(argv=None) -> int:
     device = resolve_device(preset, cuda)
     cases = filter_cases(preset.cases(device), args.filter)
     providers, excluded = select_providers(preset, args.backends)
+    latency_cases = latency.latency_cases(args.filter) if preset.latency else []
     if args.dry_run:
-        return dry_run(preset, device, cases, providers, excluded, console)
+        return dry_run(preset, device, cases, providers, excluded, latency_cases, console)
     if device == "cuda" and not cuda:
         console.print(f"preset {preset.name} needs a CUDA GPU (none here); --dry-run lists its cases")
         return 2
     if not cases:
-        console.print("no case matches --filter")
+        console.print("no case matches --filter" + (" (for the latency sweep alone: python -m rnn_fused.bench.latency "
+                                                    "--filter ...)" if latency_cases else ""))
         return 2
 
     threads = preset.threads if args.threads is None else (args.threads or None)
@@ -147,10 +158,29 @@ def main(argv=None) -> int:
     report.print_summary(doc, console)
     console.print(f"results: {out_dir / 'results.json'}, {out_dir / 'report.md'}"
                   + (f", {len(plot_files)} plots in {out_dir / 'plots'}" if plot_files else ""))
+    latency_failed = bool(latency_cases) and not interrupted and _latency(latency_cases, environment, out_dir,
+                                                                          console)
     if args.compare:
         run_compare(args.compare, doc, out_dir / "results.json", out_dir, console)
     bad = [r for r in doc["results"] if r["status"] in (runner.FAILED, runner.ERROR)]
-    return 1 if (bad or interrupted) else 0
+    return 1 if (bad or interrupted or latency_failed) else 0
+
+
+def _latency(cases, environment, out_dir, console) -> bool:
+    """The preset's latency sweep, written next to results.json; True if a provider FAILED its check."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=False)
+    with progress:
+        task = progress.add_task("latency", total=len(cases))
+        def on_case(i, case):
+            progress.update(task, completed=i, description=f"latency: {case.id.removeprefix('latency ')}")
+
+        doc = latency.run_sweep(cases, environment, latency.DEFAULT_ROUNDS, latency.MIN_SAMPLE_US, on_case)
+        progress.update(task, completed=len(cases), description="latency: done")
+    latency.print_table(doc, console)
+    json_path, md_path = latency.write(doc, out_dir)
+    console.print(f"latency sweep ({len(cases)} cases, {doc['wall_time_s']} s): {json_path}, {md_path}")
+    return latency.failed(doc)
 
 
 def _plots(doc, out_dir, console):

@@ -81,6 +81,7 @@ class Preset:
     compile_max_steps: int = 1024  # torch.compile unrolls T * layers * directions steps; skip beyond this
     compile_total_budget_s: float = 1800.0  # all compiles of a run together; the rest is skipped after
     threads: int | None = None  # torch.set_num_threads for the run (None: torch's default); --threads overrides
+    latency: bool = False  # also run the per-call latency sweep (rnn_fused/bench/latency.py) after the cases
 
     def cases(self, device: str) -> list[Case]:
         return self.grid(device)
@@ -90,7 +91,7 @@ class Preset:
                 "timing": dataclasses.asdict(self.timing), "exclude": dict(self.exclude), "tf32": self.tf32,
                 "compile_budget_s": self.compile_budget_s, "compile_max_steps": self.compile_max_steps,
                 "compile_total_budget_s": self.compile_total_budget_s,
-                "threads": self.threads}
+                "threads": self.threads, "latency": self.latency}
 
 
 def _both_modes(cases: list[Case]) -> list[Case]:
@@ -207,6 +208,8 @@ PRESETS: dict[str, Preset] = {
         # per-step OpenMP barrier into a scheduler wait (measured: nn.RNN forward T=256 B=16 H=128 took
         # 2084 ms with 2 threads under load vs 13.8 ms with 1). --threads N for multi-threaded numbers.
         threads=1,
+        # The per-call cost of short calls (issue 17): ~30 s more, on the CPU whatever the device.
+        latency=True,
     ),
     "standard": Preset(
         name="standard",

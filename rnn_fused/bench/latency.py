@@ -326,9 +326,10 @@ def measure_case(case: LatencyCase, rounds: int, threads: int, min_sample_us: fl
     return record
 
 
-def run_sweep(cases: list[LatencyCase], rounds: int = DEFAULT_ROUNDS, min_sample_us: float = MIN_SAMPLE_US,
-              on_case=None) -> dict:
-    """Every case at the current torch thread count (ONNX Runtime gets the same); the latency.json body."""
+def run_sweep(cases: list[LatencyCase], environment: dict, rounds: int = DEFAULT_ROUNDS,
+              min_sample_us: float = MIN_SAMPLE_US, on_case=None) -> dict:
+    """Every case at the current torch thread count (ONNX Runtime gets the same): the latency.json document.
+    ``environment``: env.environment()'s record of the run (its command is the one that ran the sweep)."""
     threads = torch.get_num_threads()
     random.seed(0)
     t0 = time.perf_counter()
@@ -339,8 +340,8 @@ def run_sweep(cases: list[LatencyCase], rounds: int = DEFAULT_ROUNDS, min_sample
         results.append(measure_case(case, rounds, threads, min_sample_us))
     ort_reason = onnx_unavailable()
     ort_version = None if ort_reason else __import__("onnxruntime").__version__
-    return {"schema": SCHEMA, "rounds": rounds, "warmup_rounds": WARMUP_ROUNDS, "min_sample_us": min_sample_us,
-            "threads": threads, "tolerance": {"rtol": RTOL, "atol": ATOL},
+    return {"schema": SCHEMA, "environment": environment, "command": environment["command"], "rounds": rounds,
+            "warmup_rounds": WARMUP_ROUNDS, "min_sample_us": min_sample_us, "threads": threads, "tolerance": {"rtol": RTOL, "atol": ATOL},
             "onnxruntime": {"version": ort_version, "skipped": ort_reason},
             "wall_time_s": round(time.perf_counter() - t0, 1), "results": results}
 
@@ -452,9 +453,8 @@ def main(argv=None) -> int:
     environment["command"] = " ".join(shlex.quote(a) for a in
                                       [sys.executable, "-m", "rnn_fused.bench.latency", *argv])
     progress = Console(stderr=True)
-    doc = run_sweep(cases, args.rounds,
+    doc = run_sweep(cases, environment, args.rounds,
                     on_case=lambda i, c: progress.print(f"[{i + 1}/{len(cases)}] {c.id}", highlight=False))
-    doc = {"schema": doc.pop("schema"), "environment": environment, "command": environment["command"], **doc}
     print_table(doc, console)
     console.print(f"sweep: {len(cases)} cases in {doc['wall_time_s']} s")
     if args.out:
