@@ -5,8 +5,8 @@ torch.library.opcheck is covered in test_ops.py, torch.compile in test_compile.p
 What needs a GPU (CUDA graphs, compute-sanitizer, autocast on CUDA, DDP over NCCL) is not covered here.
 
 Every comparison with nn.RNN uses the rule of conftest.py: float64 results match the float64 nn.RNN to
-FLOAT64_TOL; lower precisions are judged against the float64 nn.RNN with nn.RNN in the same dtype as the
-yardstick (``assert_matches``). Errors: where nn.RNN raises, FusedRNN raises the same exception type.
+ATOL[float64] (rnn_fused/tolerance.py); lower precisions are judged against the float64 nn.RNN with nn.RNN
+in the same dtype as the yardstick (``assert_matches``). Errors: where nn.RNN raises, FusedRNN raises the same exception type.
 """
 
 import copy

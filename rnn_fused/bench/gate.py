@@ -2,9 +2,10 @@
 
 Yardstick: ``nn.RNN`` in float64 with the same weights and inputs (on the case's device; the CPU if that
 fails). Rule, per tensor (output, h_n, and in train mode the gradient of the input, h0 and every
-parameter), the same rule as tests/conftest.py but a little looser because it gates, it does not test:
+parameter), the rule of the tests (rnn_fused/tolerance.py, one table) with GATE_MARGIN times their bound,
+because it gates, it does not test:
 
-    error(provider) <= FACTOR * error(nn.RNN in the case's dtype) + ATOL[dtype] * scale
+    error(provider) <= GATE_MARGIN * (FACTOR * error(nn.RNN in the case's dtype) + ATOL[dtype] * scale)
 
 where error is the max absolute difference from the float64 result and scale = max(1, max |float64|).
 Measuring against torch's own error in the same dtype makes the bound scale with T, H and the dtype (and
@@ -19,10 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..tolerance import GATE_MARGIN, bound
 from .workload import Workload, make_call
-
-FACTOR = 4.0
-ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @dataclass
@@ -78,9 +77,9 @@ def check(tensors: dict[str, torch.Tensor | None], yard: Yardstick, dtype: torch
             continue
         scale = max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
         err = max_error(got, ref)
-        bound = FACTOR * yard.torch_error[name] + ATOL[dtype] * scale
-        details[name] = {"error": err, "bound": bound, "torch_error": yard.torch_error[name]}
-        if not err <= bound:  # `not <=` so that a NaN error fails
-            failures.append(f"{name}: error {err:.3g} > bound {bound:.3g} (nn.RNN's own error "
+        limit = bound(yard.torch_error[name], dtype, scale, GATE_MARGIN)
+        details[name] = {"error": err, "bound": limit, "torch_error": yard.torch_error[name]}
+        if not err <= limit:  # `not <=` so that a NaN error fails
+            failures.append(f"{name}: error {err:.3g} > bound {limit:.3g} (nn.RNN's own error "
                             f"{yard.torch_error[name]:.3g})")
     return Verdict(passed=not failures, details=details, message="; ".join(failures))
