@@ -27,7 +27,7 @@
 //   NaN is never hidden: a NaN element passes "value"; a row whose norm is NaN becomes all NaN under "norm".
 //   The clipped g_t is what flows on (into dz_t, W_hh^T dz_t, dW_hh), so a clip bounds every step's
 //   gradient, not only the total afterwards.
-//   Weight gradients are big GEMMs over dz done by the caller (rnn_fused/ops.py).
+//   Weight gradients are big GEMMs over dz done by the autograd rule (csrc/recurrence_autograd.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -39,6 +39,14 @@ TORCH_LIBRARY(rnn_fused, m) {
   m.def("recurrence_backward(Tensor w_hh, Tensor h_all, Tensor h0, Tensor? dh_all, Tensor? dh_last, "
         "Tensor? batch_sizes, str activation, str clip_mode=\"none\", float clip=0., bool record_norms=False) "
         "-> (Tensor dz, Tensor dh0, Tensor grad_norm)");
+  // The two parts of the autograd rule (csrc/recurrence_autograd.cpp) that are not kernels, as ops so that
+  // the Triton ops' rule (rnn_fused/ops.py) calls the same ones:
+  //   recurrence_weight_grad: dW_hh [D, H, H] = sum over rows of dz_t h_{t-1}^T (composite ATen ops);
+  //   recurrence_backward_reference: (dz, dh0) as recurrence_backward computes them, by the reference's
+  //     differentiable torch ops (rnn_fused/reference.py registers it), for create_graph=True.
+  m.def("recurrence_weight_grad(Tensor dz, Tensor h_all, Tensor h0, Tensor? batch_sizes) -> Tensor");
+  m.def("recurrence_backward_reference(Tensor w_hh, Tensor h_all, Tensor h0, Tensor? dh_all, Tensor? dh_last, "
+        "Tensor? batch_sizes, str activation) -> (Tensor dz, Tensor dh0)");
 }
 
 }  // namespace rnn_fused

@@ -22,7 +22,10 @@ def load() -> str | None:
         return f"the compiled extension rnn_fused._C could not be imported ({err}); {BUILD_HINT}"
     from . import ops
 
-    ops.register("rnn_fused::recurrence_forward", "rnn_fused::recurrence_backward")
+    # The autograd rule is the extension's own (csrc/recurrence_autograd.cpp); Python adds the fakes and
+    # the reference BPTT that rule calls under create_graph=True.
+    ops.register_fakes("rnn_fused::recurrence_forward", "rnn_fused::recurrence_backward")
+    ops.register_reference_backward()
 
     return None
 

@@ -1,10 +1,12 @@
-"""Fake (meta) and autograd implementations of the op boundary, shared by every backend whose kernels are
-registered as torch ops: the C++ ops ``rnn_fused::recurrence_forward/backward`` (CPU and CUDA kernels) and
-the Triton ones (rnn_fused/triton/). Shapes and semantics: csrc/ops.cpp and rnn_fused/reference.py.
+"""Fake (meta) implementations of the op boundary for every backend whose kernels are torch ops (the C++ ops
+``rnn_fused::recurrence_forward/backward``, CPU and CUDA, and the Triton ones, rnn_fused/triton/), and the
+autograd rule for the Triton ones. Shapes and semantics: csrc/ops.cpp and rnn_fused/reference.py.
 
 The autograd rule is the split described in reference.py: the op's backward gives ``dz`` (which is also the
 gradient of ``xw``) and ``dh0``; the gradient of ``W_hh`` is then one large GEMM per direction,
-``dW_hh[d] = dz[d]^T @ h_prev[d]`` over all rows, never T small ones.
+``dW_hh[d] = dz[d]^T @ h_prev[d]`` over all rows, never T small ones. For the C++ ops the rule is C++
+(csrc/recurrence_autograd.cpp: a differentiable call is one dispatcher hop); the Triton ops, defined in
+Python, register the same rule here, with the same weight gradient op and create_graph path.
 """
 
 from __future__ import annotations
@@ -34,52 +36,25 @@ def fake_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | None
             reference.empty_grad_norm(h_all, record_norms))
 
 
-def _previous_rows(batch_sizes: Tensor, direction: int):
-    """For the packed layout: which rows read h_{prev} from h_all, and which start from h0.
-
-    Returns (rows, prev_rows, start_rows, start_batch): row ``rows[i]`` of step t took its previous state
-    from row ``prev_rows[i]`` of h_all; row ``start_rows[i]`` took it from ``h0[:, start_batch[i]]``.
-    """
-    T = batch_sizes.numel()
-    begin = torch.cumsum(batch_sizes, 0) - batch_sizes
-    t = torch.repeat_interleave(torch.arange(T), batch_sizes)
-    b = torch.arange(t.numel()) - begin[t]
-    if direction == 0:
-        has_prev = t > 0
-        neighbour = (t - 1).clamp(min=0)
-    else:
-        neighbour = (t + 1).clamp(max=max(T - 1, 0))
-        has_prev = (t < T - 1) & (b < batch_sizes[neighbour])
-    rows = torch.nonzero(has_prev).flatten()
-    starts = torch.nonzero(~has_prev).flatten()
-    return rows, begin[neighbour[rows]] + b[rows], starts, b[starts]
-
-
 def weight_grad(dz: Tensor, h_all: Tensor, h0: Tensor, batch_sizes: Tensor | None) -> Tensor:
-    """dW_hh[d] = sum over steps and rows of dz_t h_{t-1}^T, as one or two GEMMs per direction."""
-    D = h0.shape[0]
-    H = h0.shape[2]
-    grads = []
-    for d in range(D):
-        dz_d, h_d = dz[..., d, :], h_all[..., d, :]
-        if batch_sizes is None:  # padded [T, B, H]: h_prev is h_all shifted by one step, h0 at the start
-            T = dz_d.shape[0]
-            if T == 0:
-                grads.append(h0.new_zeros(H, H))
-                continue
-            first, inner = (0, slice(1, None)) if d == 0 else (T - 1, slice(None, -1))
-            prev = slice(None, -1) if d == 0 else slice(1, None)
-            g = dz_d[first].T @ h0[d]
-            if T > 1:
-                g = g.addmm(dz_d[inner].flatten(0, -2).T, h_d[prev].flatten(0, -2))  # H = 0 is legal
-            grads.append(g)
-        else:
-            rows, prev_rows, starts, start_batch = _previous_rows(batch_sizes.cpu(), d)
-            dev = dz.device
-            g = dz_d[starts.to(dev)].T @ h0[d][start_batch.to(dev)]
-            g = g.addmm(dz_d[rows.to(dev)].T, h_d[prev_rows.to(dev)])
-            grads.append(g)
-    return torch.stack(grads)
+    """dW_hh[d] = sum over steps and rows of dz_t h_{t-1}^T: the extension's op (csrc/recurrence_autograd.cpp),
+    one rule for every backend's autograd."""
+    return torch.ops.rnn_fused.recurrence_weight_grad(dz, h_all, h0, batch_sizes)
+
+
+def register_fakes(forward_op: str, backward_op: str) -> None:
+    """Fake impls of a forward/backward op pair (qualified names), for torch.compile, torch.export, opcheck."""
+    torch.library.register_fake(forward_op)(fake_forward)
+    torch.library.register_fake(backward_op)(fake_backward)
+
+
+def register_reference_backward() -> None:
+    """The differentiable BPTT the C++ rule calls under create_graph=True (csrc/ops.cpp declares it)."""
+    def backward_reference(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation):
+        dz, dh0, _ = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation)
+        return dz, dh0
+
+    torch.library.impl("rnn_fused::recurrence_backward_reference", "CompositeImplicitAutograd")(backward_reference)
 
 
 def saved_tensors(ctx) -> tuple[Tensor, ...]:
@@ -104,9 +79,9 @@ def saved_tensors(ctx) -> tuple[Tensor, ...]:
 
 
 def register(forward_op: str, backward_op: str) -> None:
-    """Registers fake impls for both ops and the autograd rule of ``forward_op`` (qualified names)."""
-    torch.library.register_fake(forward_op)(fake_forward)
-    torch.library.register_fake(backward_op)(fake_backward)
+    """Fakes and the autograd rule for ops defined in Python (Triton's): the rule of
+    csrc/recurrence_autograd.cpp, step for step, sharing its weight gradient and its create_graph path."""
+    register_fakes(forward_op, backward_op)
     backward = _resolve(backward_op)
 
     def setup_context(ctx, inputs, output):

@@ -39,8 +39,16 @@ else:
 
 
 def unavailable_reason() -> str | None:
-    """None when the Triton kernels can run (on CUDA tensors, or CPU ones under TRITON_INTERPRET=1)."""
-    return _REASON
+    """None when the Triton kernels can run (on CUDA tensors, or CPU ones under TRITON_INTERPRET=1).
+
+    Their autograd rule takes the weight gradient from the compiled extension (rnn_fused/ops.py), so the
+    extension is needed too."""
+    if _REASON is not None:
+        return _REASON
+    from .. import _extension
+
+    reason = _extension.load()
+    return None if reason is None else f"its autograd rule needs the compiled extension: {reason}"
 
 
 __all__ = ["recurrence_backward", "recurrence_forward", "unavailable_reason"]
