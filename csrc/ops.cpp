@@ -44,6 +44,11 @@ TORCH_LIBRARY(rnn_fused, m) {
   //   recurrence_weight_grad: dW_hh [D, H, H] = sum over rows of dz_t h_{t-1}^T (composite ATen ops);
   //   recurrence_backward_reference: (dz, dh0) as recurrence_backward computes them, by the reference's
   //     differentiable torch ops (rnn_fused/reference.py registers it), for create_graph=True.
+  // The whole stack (layers x directions) of FusedRNN in one call, composed of the ops above
+  // (csrc/rnn_stack.cpp documents it); what FusedRNN / FusedRNNCell call on the C++ backends.
+  m.def("rnn(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor[] params, bool has_biases, int num_layers, "
+        "bool bidirectional, float dropout, bool train, bool batch_first, str activation) "
+        "-> (Tensor output, Tensor h_n)");
   m.def("recurrence_weight_grad(Tensor dz, Tensor h_all, Tensor h0, Tensor? batch_sizes) -> Tensor");
   m.def("recurrence_backward_reference(Tensor w_hh, Tensor h_all, Tensor h0, Tensor? dh_all, Tensor? dh_last, "
         "Tensor? batch_sizes, str activation) -> (Tensor dz, Tensor dh0)");

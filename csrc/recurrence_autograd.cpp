@@ -63,6 +63,22 @@ c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+// The saved tensors, saying what to do when one was modified in place. The rule saves h_all, the output
+// the caller gets, not a copy (a copy costs 4-6% of the CPU forward: benchmarks/NOTES.md, "In-place ops on
+// the output"), so an in-place op on the output before backward raises, as for any torch op that saves its
+// output; the message is rnn_fused/ops.py's saved_tensors', word for word (tests/test_ops.py checks both).
+variable_list saved_variables(AutogradContext* ctx) {
+  try {
+    return ctx->get_saved_variables();
+  } catch (const c10::Error& error) {
+    if (std::string(error.what()).find("modified by an inplace operation") == std::string::npos) throw;
+    TORCH_CHECK(false,
+                "rnn_fused: the recurrence's output (h_all, the RNN layer's output) is saved for its backward "
+                "and was modified in place before backward (e.g. F.relu(out, inplace=True), out.mul_(2), out += x), "
+                "or w_hh / h0 were; apply the op out of place (out = F.relu(out)) or on a copy (out = out.clone())");
+  }
+}
+
 class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xw, const at::Tensor& w_hh,
@@ -77,7 +93,7 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
+    const variable_list saved = saved_variables(ctx);
     const at::Tensor &w_hh = saved[0], &h0 = saved[1], &h_all = saved[2];
     const at::Tensor bs = ctx->saved_data["batch_sizes"].toTensor();
     const c10::optional<at::Tensor> batch_sizes = defined_or_none(bs);

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import Tensor
 
-from . import _extension
+from . import _extension, func_transforms
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
@@ -66,13 +67,28 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     return None
 
 
+# resolve's answers: the checks behind them import modules and query the dispatcher (~5 us), the same answer
+# every call. Keyed by what they read: the names, the device, the dtype, and TRITON_INTERPRET (the one
+# setting that may change in a running process, before triton is imported).
+_RESOLVED: dict[tuple, str] = {}
+
+
 @torch.compiler.assume_constant_result
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend for ``backend`` ('auto' picks); raises BackendUnavailableError if it can't run.
 
     Under torch.compile this runs once at trace time (its answer is a constant of the graph): the checks
-    import modules and query the dispatcher, nothing a graph should contain.
+    import modules and query the dispatcher, nothing a graph should contain. Eagerly it is answered from a
+    cache after the first call (a refusal is not cached: it raises every time).
     """
+    key = (backend, device, dtype, os.environ.get("TRITON_INTERPRET"))
+    name = _RESOLVED.get(key)
+    if name is None:
+        name = _RESOLVED[key] = _resolve_uncached(backend, device, dtype)
+    return name
+
+
+def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     check_name(backend)
     if backend == "auto":
         preference = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
@@ -86,6 +102,20 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
+def runs_stack_op(backend: str, dtype: torch.dtype) -> bool:
+    """Whether a whole FusedRNN / FusedRNNCell call on concrete ``backend`` is one call of ``rnn_fused::rnn``
+    (csrc/rnn_stack.cpp): the C++ kernels, in a dtype they take as it is (the CPU computes half types in
+    float32 through recurrence_forward_fn instead)."""
+    return backend == "cuda" or (backend == "cpu" and dtype in (torch.float32, torch.float64))
+
+
+def call_runs_stack_op(backend: str, t: Tensor) -> bool:
+    """Whether this module call (input ``t``, requested ``backend``) is one ``rnn_fused::rnn`` call: outside
+    torch.func transforms (they need the rule of rnn_fused/func_transforms.py, which the stack op's
+    recurrence cannot take), and on a backend and dtype of runs_stack_op."""
+    return not func_transforms.active() and runs_stack_op(resolve(backend, t.device, t.dtype), t.dtype)
+
+
 def recurrence_forward_fn(backend: str, bptt=None):
     """The differentiable forward ``(xw, w_hh, h0, batch_sizes, activation) -> (h_all, h_last)`` of a
     concrete backend, for every dtype the backend lists in ``_DTYPES``; with active ``bptt`` options
@@ -96,16 +126,28 @@ def recurrence_forward_fn(backend: str, bptt=None):
         def forward(*args):
             return recurrence_with_options(*args, backend, bptt)
     elif backend in ("cpu", "cuda"):
-        forward = torch.ops.rnn_fused.recurrence_forward
+        forward = _under_func_transforms(torch.ops.rnn_fused.recurrence_forward,
+                                         torch.ops.rnn_fused.recurrence_backward)
     elif backend == "triton":
         from . import triton as triton_backend
 
-        forward = triton_backend.recurrence_forward
+        forward = _under_func_transforms(triton_backend.recurrence_forward, triton_backend.recurrence_backward)
     else:
         from . import reference
 
         forward = reference.recurrence_forward
     return _halves_in_float32(forward) if backend == "cpu" else forward
+
+
+def _under_func_transforms(forward, backward):
+    """``forward``, taking the torch.func-ready rule (rnn_fused/func_transforms.py) while a transform runs."""
+
+    def forward_or_func(xw, w_hh, h0, batch_sizes, activation):
+        if func_transforms.active():
+            return func_transforms.recurrence(forward, backward, xw, w_hh, h0, batch_sizes, activation)
+        return forward(xw, w_hh, h0, batch_sizes, activation)
+
+    return forward_or_func
 
 
 def _halves_in_float32(forward):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import onnx_export, scripting
+from . import backends
 from .backends import check_name
 from .bptt import BPTTOptions
 from .diagnostics import GradFlow
@@ -43,11 +44,10 @@ def _check_same_device(input: Tensor, hx: Tensor) -> None:
         )
 
 
-def _check_parameters(module: nn.RNNBase, input: Tensor, check_dtype: bool) -> None:
+def _check_parameters(params: list[Tensor], names: list[str], input: Tensor, check_dtype: bool) -> None:
     """Every parameter on the input's device (nn.RNN's message) and, outside autocast, of its dtype: nn.RNN
     fails inside a matrix product there; a silently promoted parameter would compute in another dtype."""
-    for name in module._flat_weights_names:
-        p = getattr(module, name)  # the attribute, not nn.RNN's _flat_weights cache (see FusedRNN.forward)
+    for name, p in zip(names, params):
         if p is None:
             continue
         if p.device != input.device:
@@ -222,17 +222,27 @@ class FusedRNN(nn.RNNBase):
         # back to the float32 parameters through the casts); so do we, with autocast itself switched off
         # inside so that the input projection and the recurrence agree on one dtype.
         compute_dtype = _autocast_dtype(data)
-        _check_parameters(self, data, check_dtype=compute_dtype is None)
+        params = [getattr(self, name) for name in self._flat_weights_names]
+        _check_parameters(params, self._flat_weights_names, data, check_dtype=compute_dtype is None)
         if compute_dtype is None:
             _check_hx_dtype(data, hx)
         else:
             data, hx = data.to(compute_dtype), hx.to(compute_dtype)
+        if not is_packed and data.size(1 if self.batch_first else 0) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        if not exporting and compute_dtype is None and not self.record_grad_norms and self.bptt_clip is None \
+                and backends.call_runs_stack_op(self.backend, data):
+            # The C++ kernels: the whole stack in one call (csrc/rnn_stack.cpp), the same maths as the loop
+            # below.
+            output, hidden = torch.ops.rnn_fused.rnn(
+                data, batch_sizes, hx, params, self.bias, self.num_layers, self.bidirectional, self.dropout,
+                self.training, self.batch_first and not is_packed, activation)
+            return self._outputs(output, hidden, input if is_packed else None, is_batched)
 
         if not is_packed:
             if self.batch_first:
                 data = data.transpose(0, 1)
-            if data.size(0) == 0:
-                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             data = data.contiguous()
 
         layer_input = data
@@ -258,11 +268,16 @@ class FusedRNN(nn.RNNBase):
                     layer_output = F.dropout(layer_output, p=self.dropout, training=True)
                 layer_input = layer_output
         hidden = torch.cat(h_n, 0)
+        output = layer_input if is_packed or not self.batch_first else layer_input.transpose(0, 1)
+        return self._outputs(output, hidden, input if is_packed else None, is_batched)
 
-        if is_packed:
-            output = PackedSequence(layer_input, batch_sizes, sorted_indices, unsorted_indices)
-            return output, self.permute_hidden(hidden, unsorted_indices)
-        output = layer_input.transpose(0, 1) if self.batch_first else layer_input
+    def _outputs(self, output: Tensor, hidden: Tensor, packed_input: PackedSequence | None, is_batched: bool):
+        """(output, h_n) as nn.RNN returns them: a PackedSequence for packed input (h_n back in the caller's
+        batch order), squeezed for unbatched input."""
+        if packed_input is not None:
+            _, batch_sizes, sorted_indices, unsorted_indices = packed_input
+            return (PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(hidden, unsorted_indices))
         if not is_batched:
             output = output.squeeze(0 if self.batch_first else 1)
             hidden = hidden.squeeze(1)
@@ -317,6 +332,11 @@ class FusedRNNCell(nn.RNNCell):
             input, hx = input.to(compute_dtype), hx.to(compute_dtype)
             weights = [w.to(compute_dtype) for w in weights]
         w_ih, w_hh = weights[:2]
+        if compute_dtype is None and not onnx_export.exporting() and backends.call_runs_stack_op(self.backend, input):
+            # One step of the C++ stack op (csrc/rnn_stack.cpp), the same maths as rnn_layer below.
+            _, h_n = torch.ops.rnn_fused.rnn(input.unsqueeze(0), None, hx.unsqueeze(0), weights, self.bias, 1,
+                                             False, 0.0, False, False, self.nonlinearity)
+            return h_n[0] if is_batched else h_n[0].squeeze(0)
         if onnx_export.exporting():
             b_ih, b_hh = (weights[2], weights[3]) if self.bias else (None, None)
             h = onnx_export.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, self.nonlinearity)

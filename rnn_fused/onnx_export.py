@@ -29,8 +29,11 @@ ONNX_DTYPES = (torch.float16, torch.float32, torch.float64)
 
 
 def exporting() -> bool:
-    """True while torch.onnx.export (either exporter) is tracing the model."""
-    return torch.onnx.is_in_onnx_export()
+    """True while torch.onnx.export (either exporter) is tracing the model.
+
+    Both exporters trace (TorchScript's with torch.jit's tracer, the default one under torch.export), so the
+    ~1 us ``is_in_onnx_export`` is asked only while tracing: this runs on every eager call of the modules."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
 
 
 def check_exportable(input) -> None:
