@@ -46,9 +46,9 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh_all, dh_last):
-        from .ops import weight_grad
+        from .ops import saved_tensors, weight_grad
 
-        w_hh, h0, h_all = ctx.saved_tensors
+        w_hh, h0, h_all = saved_tensors(ctx)
         dz, dh0, _ = ctx.backward_op(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
         dw_hh = weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
         return dz, dw_hh, dh0, None, None, None, None
