@@ -177,7 +177,7 @@ def _latency(cases, environment, out_dir, console) -> bool:
 
         doc = latency.run_sweep(cases, environment, latency.DEFAULT_ROUNDS, latency.MIN_SAMPLE_US, on_case)
         progress.update(task, completed=len(cases), description="latency: done")
-    latency.print_table(doc, console)
+    latency.print_table(doc, console if console.is_terminal else Console(width=150))  # ~130 columns wide
     json_path, md_path = latency.write(doc, out_dir)
     console.print(f"latency sweep ({len(cases)} cases, {doc['wall_time_s']} s): {json_path}, {md_path}")
     return latency.failed(doc)

@@ -377,10 +377,18 @@ def rows(doc: dict) -> list[tuple[str, ...]]:
 
 
 def problems(doc: dict) -> list[str]:
-    """'case provider: status: reason' for every provider that did not run, FAILED ones first."""
-    lines = [(p["status"] != FAILED, f"{r['case_id']} {name}: {p['status']}: {p['reason']}")
-             for r in doc["results"] for name, p in r["providers"].items() if p["status"] != OK]
-    return [line for _, line in sorted(lines, key=lambda x: x[0])]
+    """One line per (provider, status, reason) that kept a provider from being timed, with the cases it hit;
+    FAILED first."""
+    groups: dict[tuple, list[str]] = {}
+    for r in doc["results"]:
+        for name, p in r["providers"].items():
+            if p["status"] != OK:
+                groups.setdefault((p["status"] != FAILED, name, p["status"], p["reason"]), []).append(r["case_id"])
+    lines = []
+    for (_, name, status, reason), ids in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        where = ids[0] if len(ids) == 1 else f"{len(ids)} cases ({ids[0]}, ...)"
+        lines.append(f"{name}: {status} in {where}: {reason}")
+    return lines
 
 
 def _legend(doc: dict) -> str:
@@ -413,7 +421,7 @@ def print_table(doc: dict, console: Console) -> None:
     if doc["onnxruntime"]["skipped"]:
         console.print(f"ONNX Runtime skipped: {doc['onnxruntime']['skipped']}")
     for line in problems(doc):
-        console.print(f"[red]{line}[/]" if f": {FAILED}:" in line else line)
+        console.print(f"[red]{line}[/]" if f": {FAILED} in " in line else line, highlight=False)
 
 
 def write(doc: dict, out_dir: Path) -> tuple[Path, Path]:
