@@ -58,6 +58,13 @@ def _check_parameters(params: list[Tensor], names: list[str], input: Tensor, che
                                "input and parameters must have one dtype")
 
 
+def _parameters(module: nn.Module, names) -> list:
+    """The named parameters, current (a reassigned attribute, a parametrization), without nn.Module's slow
+    __getattr__ (~1 us each) where the parameter sits plainly in ``_parameters``."""
+    own = module._parameters
+    return [own[name] if own.get(name) is not None else getattr(module, name) for name in names]
+
+
 def _autocast_dtype(t: Tensor) -> torch.dtype | None:
     """The dtype torch.autocast asks for on ``t``'s device, or None outside autocast."""
     device_type = t.device.type
@@ -222,7 +229,7 @@ class FusedRNN(nn.RNNBase):
         # back to the float32 parameters through the casts); so do we, with autocast itself switched off
         # inside so that the input projection and the recurrence agree on one dtype.
         compute_dtype = _autocast_dtype(data)
-        params = [getattr(self, name) for name in self._flat_weights_names]
+        params = _parameters(self, self._flat_weights_names)
         _check_parameters(params, self._flat_weights_names, data, check_dtype=compute_dtype is None)
         if compute_dtype is None:
             _check_hx_dtype(data, hx)
@@ -284,6 +291,9 @@ class FusedRNN(nn.RNNBase):
         return output, hidden
 
 
+_CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
 class FusedRNNCell(nn.RNNCell):
     """One Elman step, ``nn.RNNCell``'s contract: ``h' = act(W_ih x + b_ih + W_hh h + b_hh)``; plus ``backend``."""
 
@@ -322,12 +332,11 @@ class FusedRNNCell(nn.RNNCell):
                 f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}")
         _check_same_device(input, hx)
         compute_dtype = _autocast_dtype(input)
-        weights = [self.weight_ih, self.weight_hh] + ([self.bias_ih, self.bias_hh] if self.bias else [])
+        weights = _parameters(self, _CELL_PARAMETERS if self.bias else _CELL_PARAMETERS[:2])
         if compute_dtype is None:
             _check_hx_dtype(input, hx)
-            if input.dtype != self.weight_ih.dtype:
-                raise RuntimeError(
-                    f"input dtype ({input.dtype}) must match the weight dtype ({self.weight_ih.dtype})")
+            if input.dtype != weights[0].dtype:
+                raise RuntimeError(f"input dtype ({input.dtype}) must match the weight dtype ({weights[0].dtype})")
         else:  # as in FusedRNN.forward
             input, hx = input.to(compute_dtype), hx.to(compute_dtype)
             weights = [w.to(compute_dtype) for w in weights]
