@@ -268,15 +268,18 @@ bool use_blas(int64_t rows, int64_t H) {
   return blas_available(static_cast<T*>(nullptr)) && rows * H * H >= kBlasMinFlops;
 }
 
-// The hand loop reads W_hh^T, a copy made once per call; with fewer rows than this in the whole problem
-// (a single step of a few sequences: streaming, per-step calls) the copy costs more than the steps it serves
-// (135 us of a 112 us call at T=1 B=1 H=256 with ATen's transposing copy), so every step goes to BLAS,
-// which reads W_hh as it is, and no copy is made.
+// The hand loop reads W_hh^T, a copy made once per call when some step takes the hand loop. With fewer
+// rows than this in the whole problem (a single step of a few sequences: streaming, per-step calls) the
+// copy costs more than the steps it serves (135 us of a 112 us call at T=1 B=1 H=256 with ATen's
+// transposing copy), so every step goes to BLAS, which reads W_hh as it is, and no copy is made.
 constexpr int64_t kTransposeMinRows = 4;
 
+// Whether no step reads W_hh^T: every step is large enough for BLAS anyway (the smallest step has
+// batch_sizes.back() rows: they never increase), or the problem is too small for the copy to pay.
 template <typename T>
 bool all_steps_blas(const RecurrenceProblem& p) {
-  return blas_available(static_cast<T*>(nullptr)) && p.N < kTransposeMinRows;
+  return blas_available(static_cast<T*>(nullptr)) &&
+         (p.N < kTransposeMinRows || use_blas<T>(p.batch_sizes.back(), p.H));
 }
 
 // W_hh^T per direction, [D, H, H], by 32 x 32 tiles (ATen's copy of a transposed view is ~10x slower).
