@@ -237,6 +237,7 @@ PRESETS: dict[str, Preset] = {
                  "reference": "the plain PyTorch loop: launch-bound, not a contender on a GPU",
                  "compile": "compiling the unrolled T=512 loop takes minutes per case: gpu-full's job",
                  "flashrnn": "not installed on the lent machine",
+                 **{n: "CPU peers (issue 18): not what a GPU lease is for" for n in ("jax", "onnxruntime", "openvino")},
                  **{n: "the BPTT options' cost is measured by python -m rnn_fused.bench.overhead"
                     for n in ("cpu+norms", "cpu+clip", "cuda+norms", "cuda+clip")}},
     ),

@@ -14,6 +14,10 @@ weights.
   with the plan's reason;
 - ``compile``: ``torch.compile`` of FusedRNN(backend='reference'), i.e. the reference loop compiled whole;
 - ``flashrnn``: FlashRNN's fused Elman kernel (flashrnn_adapter.py, unverified), GPU only;
+- ``jax``, ``onnxruntime``, ``openvino``: the peers a user would pick instead (issue 18), CPU fp32, used when
+  installed (``pip install -e .[peers]``), else 'skipped' with that reason: peers_jax.py (a worker process),
+  peers_onnx.py (the ONNX RNN operator, forward only). They do not take nn.RNN's module contract: they
+  override ``make_call`` (the timed closure returning the gate's tensors) and, for the worker, ``sampler``;
 - ``cpu+norms``, ``cpu+clip``, ``cuda+norms``, ``cuda+clip``: the cost of the BPTT options (docs/bptt.md):
   FusedRNN with ``record_grad_norms=True``, or with ``bptt_clip_mode='norm'`` at a bound too large to bind
   (the kernel does the same work whether it binds or not, and the gate can still check the gradients).
@@ -30,8 +34,9 @@ import torch
 
 from .. import backends
 from ..modules import FusedRNN
+from . import timing
 from .cases import Case
-from .workload import DTYPES, Workload
+from .workload import DTYPES, Workload, make_call
 
 FUSED_BACKENDS = ("cuda", "triton", "cpu", "reference")
 KERNEL_ENV = "RNN_FUSED_CUDA_KERNEL"
@@ -39,8 +44,9 @@ FORCED_KERNEL_PROVIDERS = ("cuda-persistent", "cuda-stepwise")
 # FusedRNN keyword arguments of the BPTT-option providers, by suffix
 BPTT_OPTIONS = {"norms": dict(record_grad_norms=True), "clip": dict(bptt_clip=1e30, bptt_clip_mode="norm")}
 OPTION_PROVIDERS = tuple(f"{b}+{o}" for b in ("cpu", "cuda") for o in BPTT_OPTIONS)
+PEER_PROVIDERS = ("jax", "onnxruntime", "openvino")
 ALL_PROVIDERS = ("nn.RNN", "cuda") + FORCED_KERNEL_PROVIDERS + ("triton", "cpu", "reference", "compile",
-                                                                 "flashrnn") + OPTION_PROVIDERS
+                                                                 "flashrnn") + PEER_PROVIDERS + OPTION_PROVIDERS
 BASELINE = "nn.RNN"
 
 
@@ -64,6 +70,18 @@ class Provider:
 
     def build(self, workload: Workload):
         raise NotImplementedError
+
+    def make_call(self, workload: Workload):
+        """The timed closure for ``workload`` (its case's mode), returning the gate's CallResult."""
+        model, params = self.build(workload)
+        return self.wrap_call(make_call(workload, model, params, workload.case.mode))
+
+    def sampler(self, call):
+        """One timed sample of ``call`` in ms, for the CPU's interleaved rounds (timing.measure_interleaved)."""
+        return timing.cpu_sampler(call)
+
+    def close(self) -> None:
+        """The run is over: release what outlives a case (a worker process)."""
 
     def wrap_call(self, call):
         """The timed closure (forward, and in train mode the backward too) as this provider must run it."""
@@ -225,13 +243,15 @@ def make_providers(names=None, *, compile_budget_s: float = 120.0, compile_max_s
                    compile_total_budget_s: float = 1800.0) -> list[Provider]:
     """Providers by name, the baseline always first (every speedup is relative to it)."""
     from .flashrnn_adapter import FlashRNN
+    from .peers_jax import Jax
+    from .peers_onnx import OnnxRuntime, OpenVINO
 
     names = list(ALL_PROVIDERS if names is None else names)
     unknown = [n for n in names if n not in ALL_PROVIDERS]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {ALL_PROVIDERS}")
     table = {"nn.RNN": TorchRNN, "compile": lambda: Compiled(compile_budget_s, compile_max_steps, compile_total_budget_s),
-             "flashrnn": FlashRNN, **{b: (lambda b=b: Fused(b)) for b in FUSED_BACKENDS},
+             "flashrnn": FlashRNN, "jax": Jax, "onnxruntime": OnnxRuntime, "openvino": OpenVINO, **{b: (lambda b=b: Fused(b)) for b in FUSED_BACKENDS},
              **{n: (lambda n=n: ForcedKernel(n.split("-", 1)[1])) for n in FORCED_KERNEL_PROVIDERS},
              **{n: (lambda n=n: FusedWithOptions(*n.split("+"))) for n in OPTION_PROVIDERS}}
     ordered = [BASELINE] + [n for n in ALL_PROVIDERS if n in names and n != BASELINE]
@@ -246,5 +266,5 @@ def timed_first_call(call):
     return result, time.perf_counter() - t0
 
 
-__all__ = ["ALL_PROVIDERS", "BASELINE", "Compiled", "ForcedKernel", "Fused", "FusedWithOptions", "Provider",
+__all__ = ["ALL_PROVIDERS", "BASELINE", "PEER_PROVIDERS", "Compiled", "ForcedKernel", "Fused", "FusedWithOptions", "Provider",
            "TorchRNN", "make_providers", "timed_first_call"]

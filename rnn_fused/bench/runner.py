@@ -1,11 +1,13 @@
 """Runs the suite: for every case, the gate and then the timing of every provider.
 
 Per case: build the workload (weights and inputs, seeded by the case), compute the float64 yardstick, then
-for each provider: skip it with the reason if it cannot run the case; otherwise build it, make one call
-(which is also its first warm-up and, for compile-style providers, the compile), check that call against
-the yardstick (a wrong provider is reported FAILED and not timed), time it, and on a GPU measure the peak
-memory of one more call. A provider that raises is reported 'error' with the message (or 'skipped' when
-the provider says the exception is an environment limit, e.g. torch.compile failing) and the run goes on.
+for each provider: skip it with the reason if it cannot run the case; otherwise build its timed call, make
+one call (which is also its first warm-up and, for compile-style providers, the compile) and check it against
+the yardstick (a wrong provider is reported FAILED and not timed). Then the providers that passed are timed:
+on a CPU together, interleaved in rounds (timing.measure_interleaved: a drift of the shared machine hits all
+of them alike), on a GPU one after another with CUDA events, each followed by the peak memory of one more
+call. A provider that raises is reported 'error' with the message (or 'skipped' when the provider says the
+exception is an environment limit, e.g. torch.compile failing) and the run goes on.
 """
 
 from __future__ import annotations
@@ -49,24 +51,24 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300] if text else ''}"
 
 
-def run_provider(provider: Provider, wl: workload_mod.Workload, yard: gate.Yardstick,
-                 policy: timing.TimingPolicy) -> Row:
+def gated_call(provider: Provider, wl: workload_mod.Workload, yard: gate.Yardstick) -> tuple[Row, object]:
+    """The provider's row after its first call and the gate, and its timed closure if it passed (else None;
+    the row then says skipped, FAILED or error)."""
     case = wl.case
     row = Row(case, provider.name, provider.label(case.device), SKIPPED)
     reason = provider.unavailable(case)
     if reason:
         row.reason = reason
-        return row
+        return row, None
     try:
-        model, params = provider.build(wl)
-        call = provider.wrap_call(workload_mod.make_call(wl, model, params, case.mode))
+        call = provider.make_call(wl)
         try:
             result, row.first_call_s = timed_first_call(call)
         except Exception as error:  # noqa: BLE001 (any failure of a provider is reported, never fatal)
             skip = provider.first_call_failed(error)
             if skip:
                 row.reason = skip
-                return row
+                return row, None
             raise
         provider.first_call_done(row.first_call_s)
         verdict = gate.check(result.tensors, yard, DTYPES[case.dtype])
@@ -74,14 +76,73 @@ def run_provider(provider: Provider, wl: workload_mod.Workload, yard: gate.Yards
         del result
         if not verdict.passed:
             row.status, row.reason = FAILED, verdict.message
-            return row
-        row.stats = timing.measure(call, case.device, policy)
-        row.peak_mem_bytes = timing.peak_memory_bytes(call, case.device)
+            return row, None
+        return row, call
+    except Exception as error:  # noqa: BLE001
+        _errored(row, error)
+        return row, None
+
+
+def _errored(row: Row, error: BaseException) -> None:
+    row.status, row.reason = ERROR, _short(error)
+    row.gate.setdefault("traceback", traceback.format_exc(limit=6))
+
+
+def run_provider(provider: Provider, wl: workload_mod.Workload, yard: gate.Yardstick,
+                 policy: timing.TimingPolicy) -> Row:
+    """One provider alone: gate, then time (``measure``), then on a GPU the peak memory."""
+    row, call = gated_call(provider, wl, yard)
+    if call is None:
+        return row
+    try:
+        row.stats = timing.measure(call, wl.case.device, policy)
+        row.peak_mem_bytes = timing.peak_memory_bytes(call, wl.case.device)
         row.status = OK
     except Exception as error:  # noqa: BLE001
-        row.status, row.reason = ERROR, _short(error)
-        row.gate.setdefault("traceback", traceback.format_exc(limit=6))
+        _errored(row, error)
     return row
+
+
+def time_case(gated: list[tuple[Row, Provider, object]], device: str, policy: timing.TimingPolicy) -> None:
+    """Time every provider that passed the gate on one case, filling in its row. CPU: interleaved in rounds
+    (timing.measure_interleaved), through each provider's sampler; GPU: one after another (``measure``:
+    CUDA events with no host sync between samples, which a round of mixed providers would need)."""
+    if device == "cuda":
+        for row, _, call in gated:
+            try:
+                row.stats = timing.measure(call, device, policy)
+                row.peak_mem_bytes = timing.peak_memory_bytes(call, device)
+                row.status = OK
+            except Exception as error:  # noqa: BLE001
+                _errored(row, error)
+        return
+    live = list(gated)
+    while live:
+        try:
+            stats = timing.measure_interleaved({row.provider: provider.sampler(call) for row, provider, call in live},
+                                               policy)
+        except Exception as error:  # noqa: BLE001 (find who raised, report it, time the others again)
+            culprit = _culprit(live, policy, error)
+            live = [g for g in live if g is not culprit]
+            continue
+        for row, _, _ in live:
+            row.stats, row.status = stats[row.provider], OK
+        return
+
+
+def _culprit(live, policy, error):
+    """The provider whose sampler raises when timed alone (the first one, if none does alone)."""
+    for entry in live:
+        row, provider, call = entry
+        try:
+            timing.measure_interleaved({row.provider: provider.sampler(call)},
+                                       timing.TimingPolicy(warmup=0, min_repeats=1, max_repeats=1,
+                                                           min_time_s=0.0, max_time_s=0.0))
+        except Exception as own:  # noqa: BLE001
+            _errored(row, own)
+            return entry
+    _errored(live[0][0], error)
+    return live[0]
 
 
 def run_suite(cases: list[Case], providers: list[Provider], policy: timing.TimingPolicy, on_step=None) -> tuple[
@@ -92,6 +153,7 @@ def run_suite(cases: list[Case], providers: list[Provider], policy: timing.Timin
         for case in cases:
             wl = workload_mod.build(case)
             yard = None
+            gated = []
             for provider in providers:
                 if on_step:
                     on_step(case, provider)
@@ -101,11 +163,17 @@ def run_suite(cases: list[Case], providers: list[Provider], policy: timing.Timin
                     rows.append(Row(case, provider.name, provider.label(case.device), SKIPPED,
                                     provider.unavailable(case)))
                     continue
-                rows.append(run_provider(provider, wl, yard, policy))
-            del wl, yard
+                row, call = gated_call(provider, wl, yard)
+                rows.append(row)
+                if call is not None:
+                    gated.append((row, provider, call))
+            time_case(gated, case.device, policy)
+            del wl, yard, gated
             if case.device == "cuda":
                 torch.cuda.empty_cache()
     except KeyboardInterrupt:
         return rows, True
+    finally:
+        for provider in providers:
+            provider.close()
     return rows, False
-

@@ -9,6 +9,10 @@ Method (benchmarks/NOTES.md, "Benchmark method"):
 3. every repeat is one sample: on a GPU a pair of CUDA events around the call (GPU time, launch gaps
    included, host overhead hidden only where the GPU is busy), on a CPU ``time.perf_counter`` around the
    call with the garbage collector paused (a GC pause inside one sample would only add noise);
+   On a CPU the providers of one case are timed interleaved (``measure_interleaved``): each round takes one
+   sample of every provider in a fresh random order, so a drift of the shared machine (measured at 10-30%
+   between providers timed one after another, issue 18) hits all of them alike; every provider gets the
+   same number of rounds, planned from the slowest one's estimate;
 4. reported: the median (robust to the odd preempted sample on a shared machine) and the 20th/80th
    percentiles as the spread, plus min, mean and the raw samples.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -101,6 +106,56 @@ def measure(fn, device: str, policy: TimingPolicy, clock=time.perf_counter) -> S
     if device == "cuda":
         return summarize(_cuda_samples(fn, repeats))
     return summarize(_cpu_samples(fn, repeats, clock, deadline_s=2 * policy.max_time_s))
+
+
+def cpu_sampler(fn, clock=time.perf_counter):
+    """One sample of ``fn()`` in ms: ``clock`` read around the call."""
+    def sample() -> float:
+        t0 = clock()
+        fn()
+        return (clock() - t0) * 1e3
+    return sample
+
+
+def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_counter,
+                        rng: random.Random | None = None) -> dict[str, Stats]:
+    """CPU: time several providers of one case in rounds; ``samplers``: name -> a function taking one sample
+    (ms). Warm-up and estimate per provider, then R rounds of one sample each in a random order, with R
+    planned from the slowest estimate (plan_repeats) and cut short (never below MIN_SAMPLES) once the
+    rounds run past ``2 * max_time_s`` per provider, as ``measure`` does for one."""
+    rng = rng or random.Random(0)
+    estimates = {}
+    for name, sample in samplers.items():
+        for _ in range(policy.warmup):
+            sample()
+        n, total_ms = 0, 0.0
+        while True:
+            total_ms += sample()
+            n += 1
+            if n >= 2 or total_ms >= 0.05 * policy.min_time_s * 1e3:
+                break
+        estimates[name] = total_ms / n / 1e3
+    if not samplers:
+        return {}
+    rounds = plan_repeats(max(estimates.values()), policy)
+    deadline_s = 2 * policy.max_time_s * len(samplers)
+    samples = {name: [] for name in samplers}
+    order = list(samplers)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    start = clock()
+    try:
+        for r in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                samples[name].append(samplers[name]())
+            if r + 1 >= MIN_SAMPLES and clock() - start > deadline_s:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: summarize(s) for name, s in samples.items()}
 
 
 def _cpu_samples(fn, repeats: int, clock, deadline_s: float) -> list[float]:

@@ -1,0 +1,214 @@
+"""JAX (XLA on the CPU) as a provider: jax.jit of a lax.scan Elman RNN, jax.vjp for fwd+bwd, in a worker.
+
+The model, per layer and direction: ``xw = x @ W_ih^T + b_ih + b_hh`` for all T at once (hoisted out of the
+recurrence, one GEMM), then ``lax.scan`` over T of ``h = act(xw_t + h @ W_hh^T)`` (``reverse=True`` for the
+backward direction); directions concatenated on the feature axis, layers stacked, h_n in nn.RNN's order.
+Train mode is ``jax.vjp`` of that function pulled back with the suite's upstream gradients (g_out, g_h),
+i.e. the gradient of ``<output, g_out> + <h_n, g_h>`` into the input, h0 and every weight: the same scalar
+loss the suite's torch call differentiates (workload.py). Packed input is skipped (JAX has no packed
+sequences; masking would be a different computation).
+
+Why a worker process: XLA reads its threading flags (XLA_FLAGS: ``--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=N``) once, when jax initialises its CPU backend, and keeps its own thread
+pools; in the suite's process they would be set for the whole run and XLA's pools would sit next to
+torch's. The worker sets them before importing jax, so nothing leaks into torch, and it is started once
+per run and reused for every case (spawn + importing jax costs seconds).
+
+Why the worker times each sample itself but answers over a pipe: a pipe round trip costs tens of
+microseconds, as much as a whole T=1 call, so timing from this side would charge JAX for our IPC. Timing
+everything inside the worker in one go would be honest per call but could not be interleaved with the other
+providers (the suite times providers of a case in rounds, so a drift of the shared machine hits all alike).
+So each request makes the worker run one call between two ``perf_counter`` reads (the same clock and the
+same garbage-collector pause as timing.py's CPU samples) and send back the milliseconds; this process only
+waits in ``recv`` meanwhile, off the CPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import torch
+
+from .cases import Case
+from .peers_onnx import missing
+from .providers import Provider
+from .workload import CallResult, Workload
+
+
+def xla_flags(threads: int) -> str:
+    """XLA's CPU threading flags for ``threads`` threads, appended to whatever XLA_FLAGS already holds."""
+    own = ("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if threads <= 1 else
+           f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
+    return " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), own) if f)
+
+
+# --- the worker (runs in its own process; imports jax only there) ---------------------------------------------
+
+def _elman(jax, jnp, case: dict):
+    """f(x, h0, params) -> (output [T, B, D*H], h_n [L*D, B, H]); params: nn.RNN's names -> arrays."""
+    act = jnp.tanh if case["nonlinearity"] == "tanh" else jax.nn.relu
+    D = 2 if case["bidirectional"] else 1
+    suffixes = ["", "_reverse"][:D]
+
+    def f(x, h0, params):
+        h_n = []
+        for k in range(case["num_layers"]):
+            outs = []
+            for d, s in enumerate(suffixes):
+                w_hh_t = params[f"weight_hh_l{k}{s}"].T
+                xw = x @ params[f"weight_ih_l{k}{s}"].T + (params[f"bias_ih_l{k}{s}"] + params[f"bias_hh_l{k}{s}"])
+
+                def step(h, xw_t, w_hh_t=w_hh_t):
+                    h = act(xw_t + h @ w_hh_t)
+                    return h, h
+                h_last, y = jax.lax.scan(step, h0[k * D + d], xw, reverse=d == 1)
+                outs.append(y)
+                h_n.append(h_last)
+            x = outs[0] if D == 1 else jnp.concatenate(outs, axis=-1)
+        return x, jnp.stack(h_n)
+    return f
+
+
+def _worker(conn, threads: int) -> None:
+    os.environ["XLA_FLAGS"] = xla_flags(threads)
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_platforms", "cpu")
+    fn = None
+    while True:
+        msg = conn.recv()
+        try:
+            if msg[0] == "setup":  # ("setup", case dict, mode, x, h0, params, g_out, g_h)
+                _, case, mode, x, h0, params, g_out, g_h = msg
+                f = _elman(jax, jnp, case)
+                args = [jnp.asarray(a) for a in (x, h0)] + [{k: jnp.asarray(v) for k, v in params.items()}]
+                if mode == "forward":
+                    jitted = jax.jit(f)
+                else:
+                    cot = (jnp.asarray(g_out), jnp.asarray(g_h))
+
+                    def train(x, h0, params):
+                        out, pullback = jax.vjp(f, x, h0, params)
+                        return out, pullback(cot)
+                    jitted = jax.jit(train)
+
+                def fn(jitted=jitted, args=args):
+                    return jax.block_until_ready(jitted(*args))
+                conn.send(("ok", None))
+            elif msg[0] == "call":  # one call, its results as numpy
+                conn.send(("ok", jax.tree_util.tree_map(np.asarray, fn())))
+            elif msg[0] == "sample":  # one timed call (ms); the gc pause as timing.py's CPU samples
+                gc.disable()
+                t0 = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t0) * 1e3
+                gc.enable()
+                conn.send(("ok", ms))
+            elif msg[0] == "versions":
+                conn.send(("ok", {"jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"],
+                                  "devices": [str(d) for d in jax.devices()]}))
+            elif msg[0] == "stop":
+                conn.send(("ok", None))
+                return
+        except Exception as error:  # noqa: BLE001 (reported to the suite, which reports the provider 'error')
+            conn.send(("error", f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"))
+
+
+# --- the suite's side ---------------------------------------------------------------------------------------
+
+class Worker:
+    """One jax worker process at a fixed thread count; requests answered in order over a pipe."""
+
+    def __init__(self, threads: int):
+        ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread state into the child
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
+        self.process.start()
+        child.close()
+        self.threads = threads
+
+    def ask(self, *msg):
+        self.conn.send(msg)
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"jax worker: {value}")
+        return value
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.ask("stop")
+            except (EOFError, OSError, RuntimeError):
+                pass
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class Jax(Provider):
+    name = "jax"
+
+    def __init__(self):
+        self.worker: Worker | None = None
+
+    def label(self, device: str) -> str:
+        return "JAX jit(lax.scan) Elman, XLA CPU (worker process)"
+
+    def unavailable(self, case: Case) -> str | None:
+        if missing("jax"):
+            return missing("jax")
+        if case.device != "cpu" or case.dtype != "float32":
+            return "CPU fp32 peer"
+        if case.packed:
+            return "packed input: JAX has no packed sequences (masking would be a different computation)"
+        return None
+
+    def _worker(self) -> Worker:
+        threads = torch.get_num_threads()
+        if self.worker is None or self.worker.threads != threads or not self.worker.process.is_alive():
+            if self.worker is not None:
+                self.worker.close()
+            self.worker = Worker(threads)
+        return self.worker
+
+    def make_call(self, workload: Workload):
+        worker = self._worker()
+        case = workload.case
+        params = {k: _numpy(v) for k, v in workload.baseline.state_dict().items()}
+        worker.ask("setup", {"num_layers": case.num_layers, "bidirectional": case.bidirectional,
+                             "nonlinearity": case.nonlinearity}, case.mode, _numpy(workload.x),
+                   _numpy(workload.h0), params, _numpy(workload.g_out), _numpy(workload.g_h))
+        names = list(params)
+
+        def call():
+            out = worker.ask("call")
+            if case.mode == "forward":
+                y, h_n = out
+                return CallResult({"output": torch.from_numpy(y), "h_n": torch.from_numpy(h_n)})
+            (y, h_n), (g_x, g_h0, g_params) = out
+            tensors = {"output": torch.from_numpy(y), "h_n": torch.from_numpy(h_n),
+                       "grad input": torch.from_numpy(g_x), "grad h0": torch.from_numpy(g_h0)}
+            tensors.update({f"grad {n}": torch.from_numpy(g_params[n]) for n in names})
+            return CallResult(tensors)
+        return call
+
+    def sampler(self, call):
+        worker = self.worker
+        return lambda: worker.ask("sample")
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
+
+
+__all__ = ["Jax", "Worker", "xla_flags"]
