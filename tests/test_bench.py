@@ -490,3 +490,88 @@ def test_a_preset_with_latency_writes_it_next_to_results_json(monkeypatch, tmp_p
     # A FAILED latency provider fails the run, as a FAILED suite provider does.
     monkeypatch.setattr(latency, "fused_module", _shifted(_original_fused))
     assert main(["--preset", "tiny-latency", "--backends", "cpu", "--no-plots", "--out", str(out)]) == 1
+
+
+# --- the peers (issue 18): JAX, ONNX Runtime, OpenVINO --------------------------------------------------------------
+
+from rnn_fused.bench import peers_onnx  # noqa: E402
+
+PEER_MODULES = {"jax": ("jax",), "onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}
+# What each peer runs: the ONNX ones forward only. Tiny, but with every structure the RNN node supports.
+PEER_CASES = [dataclasses.replace(TINY, num_layers=2, bidirectional=True),
+              dataclasses.replace(TINY, nonlinearity="relu")]
+
+
+def _peer(name):
+    reason = peers_onnx.missing(*PEER_MODULES[name])
+    if reason:
+        pytest.skip(reason)
+    return P.make_providers([name])[1]
+
+
+@pytest.mark.parametrize("name", sorted(PEER_MODULES))
+def test_each_peer_passes_the_gate_and_is_timed_on_the_cases_weights(name):
+    peer = _peer(name)
+    cases = PEER_CASES + [dataclasses.replace(c, mode="train") for c in PEER_CASES]
+    rows, interrupted = runner.run_suite(cases, [P.TorchRNN(), peer], TINY_POLICY)
+    assert not interrupted
+    for row in rows:
+        if row.provider != name:
+            continue
+        if name != "jax" and row.case.mode == "train":
+            assert row.status == runner.SKIPPED and "forward only" in row.reason
+            continue
+        assert row.status == runner.OK, (row.case.id, row.reason)
+        assert row.stats.repeats >= timing.MIN_SAMPLES and row.stats.median_ms > 0
+        assert row.gate["output"]["error"] <= row.gate["output"]["bound"]
+        if row.case.mode == "train":
+            last = "weight_hh_l1_reverse" if row.case.bidirectional else "weight_hh_l0"
+            assert {"grad input", "grad h0", f"grad {last}"} <= set(row.gate)
+    assert peer.unavailable(dataclasses.replace(TINY, packed=True)).startswith("packed input")
+
+
+def test_the_gate_fails_a_wrong_peer_and_does_not_time_it(monkeypatch):
+    peer = _peer("onnxruntime")
+    right = peers_onnx.feeds
+
+    def zero_h0(workload):  # the peer forgets the initial state
+        return {k: (v * 0 if k.startswith("h0") else v) for k, v in right(workload).items()}
+    monkeypatch.setattr(peers_onnx, "feeds", zero_h0)
+    rows, _ = runner.run_suite([TINY], [P.TorchRNN(), peer], TINY_POLICY)
+    assert rows[1].status == runner.FAILED and "output" in rows[1].reason and rows[1].stats is None
+
+
+@pytest.mark.parametrize("name", sorted(PEER_MODULES))
+def test_a_peer_that_is_not_installed_is_skipped_with_the_reason(name, monkeypatch):
+    real = peers_onnx.importlib.util.find_spec
+    absent = PEER_MODULES[name][-1]
+    monkeypatch.setattr(peers_onnx.importlib.util, "find_spec", lambda m, *a: None if m == absent else real(m, *a))
+    rows, _ = runner.run_suite([TINY], P.make_providers([name]), TINY_POLICY)
+    assert rows[1].status == runner.SKIPPED
+    assert rows[1].reason == f"{absent} is not installed: pip install -e .[peers]"
+
+
+def test_jax_worker_gets_the_threading_flags_before_jax_imports(monkeypatch):
+    from rnn_fused.bench.peers_jax import xla_flags
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert xla_flags(1) == "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+    assert xla_flags(4).startswith("--xla_dump_to=/tmp/x ") and "intra_op_parallelism_threads=4" in xla_flags(4)
+    assert "XLA_FLAGS" not in os.environ or "intra_op" not in os.environ["XLA_FLAGS"]  # never set here
+
+
+def test_interleaved_rounds_give_every_provider_the_same_samples_in_shuffled_orders():
+    log = []
+
+    def sampler(name, ms):
+        return lambda: log.append(name) or ms
+    policy = timing.TimingPolicy(warmup=1, min_repeats=5, max_repeats=50, min_time_s=1.0, max_time_s=100.0)
+    stats = timing.measure_interleaved({"a": sampler("a", 100.0), "b": sampler("b", 1.0), "c": sampler("c", 2.0)},
+                                       policy)
+    # The slowest (100 ms) plans the rounds: 1 s / 0.1 s = 10; each got one sample per round.
+    assert [s.repeats for s in stats.values()] == [10, 10, 10]
+    assert stats["a"].median_ms == 100.0 and stats["b"].median_ms == 1.0
+    rounds = log[-30:]
+    orders = {tuple(rounds[i:i + 3]) for i in range(0, 30, 3)}
+    assert all(sorted(o) == ["a", "b", "c"] for o in orders) and len(orders) > 1
