@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -575,3 +576,23 @@ def test_interleaved_rounds_give_every_provider_the_same_samples_in_shuffled_ord
     rounds = log[-30:]
     orders = {tuple(rounds[i:i + 3]) for i in range(0, 30, 3)}
     assert all(sorted(o) == ["a", "b", "c"] for o in orders) and len(orders) > 1
+
+
+def test_the_jax_worker_computes_on_one_thread_when_the_run_has_one(monkeypatch):
+    peer = _peer("jax")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    wl = workload.build(C.Case(64, 16, 128, 128))
+    sample = peer.sampler(peer.make_call(wl))
+    assert "intra_op_parallelism_threads=1" in peer.worker.ask("versions")["xla_flags"]
+    pid = peer.worker.process.pid
+
+    def cpu_s():  # user + system time of the worker, from /proc (Linux)
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        c0, t0 = cpu_s(), time.perf_counter()
+        while time.perf_counter() - t0 < 1.0:
+            sample()
+        assert (cpu_s() - c0) / (time.perf_counter() - t0) < 1.3  # two busy threads would give ~2
+    finally:
+        peer.close()

@@ -195,7 +195,11 @@ def _gpu_quick_grid(device: str) -> list[Case]:
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
-        description="CPU smoke benchmark: the three CPU target cases plus small T/B/H sweeps, fp32, < 5 min",
+        # The peers (jax, onnxruntime, openvino) on every case when installed: with them and the interleaved
+        # rounds the whole preset took 1m51s on the 2-core CPU (load ~20-40 from a CI job alongside), so
+        # nothing is left out for them (issue 18 asks for the peers in quick).
+        description="CPU smoke benchmark: the three CPU target cases plus small T/B/H sweeps, fp32, with the "
+                    "peers (JAX, ONNX Runtime, OpenVINO) on every case when installed, < 5 min",
         device="auto",
         timing=TimingPolicy(warmup=2, min_repeats=7, max_repeats=100, min_time_s=0.5, max_time_s=3.0),
         grid=_quick_grid,

@@ -109,6 +109,7 @@ def environment(device: str, argv: list[str] | None = None) -> dict:
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": _version("triton"),
         "flashrnn": _version("flashrnn"),
+        **{peer: _version(peer) for peer in ("jax", "jaxlib", "onnx", "onnxruntime", "openvino")},  # the peers
         "rnn_fused": _version("rnn-fused"),
         # Where .git did not travel (a lent GPU machine), scripts/gpu_validation.sh passes the commit in.
         "git_commit": _git("rev-parse", "HEAD") or os.environ.get("RNN_FUSED_COMMIT"),

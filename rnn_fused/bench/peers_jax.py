@@ -12,7 +12,7 @@ Why a worker process: XLA reads its threading flags (XLA_FLAGS: ``--xla_cpu_mult
 intra_op_parallelism_threads=N``) once, when jax initialises its CPU backend, and keeps its own thread
 pools; in the suite's process they would be set for the whole run and XLA's pools would sit next to
 torch's. The worker sets them before importing jax, so nothing leaks into torch, and it is started once
-per run and reused for every case (spawn + importing jax costs seconds).
+per run and reused for every case (starting Python and importing jax costs seconds).
 
 Why the worker times each sample itself but answers over a pipe: a pipe round trip costs tens of
 microseconds, as much as a whole T=1 call, so timing from this side would charge JAX for our IPC. Timing
@@ -26,9 +26,13 @@ waits in ``recv`` meanwhile, off the CPU.
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import time
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -73,12 +77,12 @@ def _elman(jax, jnp, case: dict):
     return f
 
 
-def _worker(conn, threads: int) -> None:
-    os.environ["XLA_FLAGS"] = xla_flags(threads)
+def serve(fd: int) -> None:
+    """The worker's loop, on the connection ``fd`` (started by Worker with XLA_FLAGS already in its env)."""
     import jax
     import jax.numpy as jnp
 
-    jax.config.update("jax_platforms", "cpu")
+    conn = Connection(fd)
     fn = None
     while True:
         msg = conn.recv()
@@ -122,15 +126,26 @@ def _worker(conn, threads: int) -> None:
 # --- the suite's side ---------------------------------------------------------------------------------------
 
 class Worker:
-    """One jax worker process at a fixed thread count; requests answered in order over a pipe."""
+    """One jax worker process at a fixed thread count; requests answered in order over a socket.
+
+    A fresh interpreter (subprocess, not multiprocessing's spawn: that re-runs the caller's main module,
+    which breaks a script without a ``__main__`` guard), importing this very copy of rnn_fused, with
+    XLA_FLAGS in its environment from the start."""
 
     def __init__(self, threads: int):
-        ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread state into the child
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, threads), daemon=True)
-        self.process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, XLA_FLAGS=xla_flags(threads), JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", f"from rnn_fused.bench.peers_jax import serve; serve({theirs.fileno()})"],
+            pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self.conn = Connection(ours.detach())
         self.threads = threads
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def ask(self, *msg):
         self.conn.send(msg)
@@ -140,14 +155,16 @@ class Worker:
         return value
 
     def close(self) -> None:
-        if self.process.is_alive():
+        if self.alive():
             try:
                 self.ask("stop")
             except (EOFError, OSError, RuntimeError):
                 pass
-            self.process.join(5)
-            if self.process.is_alive():
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
                 self.process.kill()
+        self.conn.close()
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -174,7 +191,7 @@ class Jax(Provider):
 
     def _worker(self) -> Worker:
         threads = torch.get_num_threads()
-        if self.worker is None or self.worker.threads != threads or not self.worker.process.is_alive():
+        if self.worker is None or self.worker.threads != threads or not self.worker.alive():
             if self.worker is not None:
                 self.worker.close()
             self.worker = Worker(threads)

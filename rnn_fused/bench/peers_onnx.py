@@ -79,8 +79,9 @@ def rnn_model(case: Case, state: dict[str, torch.Tensor]):
             nodes += [helper.make_node("Transpose", [f"Y{k}"], [f"Yt{k}"], perm=[0, 2, 1, 3]),
                       helper.make_node("Reshape", [f"Yt{k}", "merge_dirs"], [x])]
         y_h.append(f"Y_h{k}")
-    inits += [numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-              numpy_helper.from_array(np.array([0, 0, -1], np.int64), "merge_dirs")]
+    # The shape constants of whichever layout change the graph uses (an unused initializer draws a warning).
+    inits.append(numpy_helper.from_array(np.array([1], np.int64) if D == 1 else np.array([0, 0, -1], np.int64),
+                                         "axis1" if D == 1 else "merge_dirs"))
     nodes.append(helper.make_node("Concat", y_h, ["h_n"], axis=0) if len(y_h) > 1
                  else helper.make_node("Identity", y_h, ["h_n"]))
     nodes.append(helper.make_node("Identity", [x], ["output"]))
