@@ -72,20 +72,7 @@ def plain_results(plain_lib) -> dict[str, dict]:
     return run_cases(plain_lib, [c.name for c in cases.CASES])
 
 
-# Outside 2x torch's float32 computation by the half-type yardstick of tests/conftest.py (dh0: 2.53e-3 against
-# a bound of 2.50e-3): the stepwise family reads h_{t-1} from h_all and dz_{t+1} from dz, both stored in the
-# half type, so its state is rounded every step (the reference run in float16, the yardstick before, did the
-# same). strict: a fix shows up as XPASS, which fails until this mark goes.
-HALF_STATE = {"stepwise-padded-T5B3H13D1-tanh-f16"}
-
-
-def _marked(names):
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="the stepwise CUDA family keeps its "
-                                                    "state in the half type")) if n in HALF_STATE else n
-            for n in names]
-
-
-@pytest.mark.parametrize("name", _marked(c.name for c in cases.CASES))
+@pytest.mark.parametrize("name", [c.name for c in cases.CASES])
 def test_kernel_matches_reference(plain_results, name):
     assert_case(plain_results, name)
 
@@ -155,7 +142,7 @@ def asan_results() -> dict[str, dict]:
 
 
 @pytest.mark.sanitizer
-@pytest.mark.parametrize("name", _marked(cases.ASAN))
+@pytest.mark.parametrize("name", cases.ASAN)
 def test_kernel_under_address_sanitizer(asan_results, name):
     assert_case(asan_results, name)
 
@@ -167,7 +154,7 @@ def tsan_exe() -> Path:
 
 
 @pytest.mark.sanitizer
-@pytest.mark.parametrize("name", _marked(cases.TSAN))
+@pytest.mark.parametrize("name", cases.TSAN)
 def test_kernel_under_thread_sanitizer(tsan_exe, name):
     """Persistent against stepwise on one float32 problem, with every memory access checked for races."""
     case = cases.BY_NAME[name]

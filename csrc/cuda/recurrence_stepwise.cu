@@ -8,7 +8,10 @@
 //             options (clipping, recorded norms) a row-per-block kernel instead, which also reduces ||g||.
 //             The persistent backward does not implement the options, so every optioned backward runs here.
 // Memory: Z / G are one [B, H] fp32 (fp64) scratch reused by every step; h_all / dz are read in place
-// through strided views (row stride D*H), so nothing is copied per step.
+// through strided views (row stride D*H), so nothing is copied per step. For fp16/bf16 the carried state is
+// kept in fp32 as the persistent kernels keep it: the pointwise kernels also write h_t (forward) and dz_t
+// (backward) to a [D, B, H] fp32 state, the next step's GEMM reads that and an fp32 copy of W_hh (made once
+// per call), never the half-rounded h_all / dz (rounding the state every step loses accuracy with T).
 // Floor: the GEMM's (W_hh read from L2/HBM once per step, 2*rows*H*H flops) plus ~3 launches per step, the
 // regime of large H where the GEMM dominates. The same schedule as the CPU backend, in the same order.
 #include "device_primitives.cuh"
@@ -36,12 +39,15 @@ __global__ void __launch_bounds__(kThreads) step_forward_kernel(
     const at::opmath_type<scalar_t>* __restrict__ z,  // [rows, H]
     scalar_t* __restrict__ h_t,                       // [N, D, H], like xw
     scalar_t* __restrict__ h_last,                    // [B, H] of direction d
+    at::opmath_type<scalar_t>* __restrict__ state,    // [B, H] of direction d: h_t unrounded, or nullptr
     int64_t rows, int64_t continuing, int64_t H, int64_t rs) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t idx = blockIdx.x * int64_t(kThreads) + threadIdx.x; idx < rows * H;
        idx += int64_t(gridDim.x) * kThreads) {
     const int64_t r = idx / H, j = idx - r * H;
-    const scalar_t h = static_cast<scalar_t>(activate<kAct>(static_cast<acc_t>(xw[r * rs + j]) + z[idx]));
+    const acc_t h_acc = activate<kAct>(static_cast<acc_t>(xw[r * rs + j]) + z[idx]);
+    const scalar_t h = static_cast<scalar_t>(h_acc);
+    if (state) state[idx] = h_acc;
     h_t[r * rs + j] = h;
     if (r >= continuing) h_last[idx] = h;
   }
@@ -57,6 +63,7 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(
     const at::opmath_type<scalar_t>* __restrict__ g,  // [g_rows, H] = dz_{next} W
     scalar_t* __restrict__ dz_t,                      // like h_t
     scalar_t* __restrict__ dh0,                       // [B, H] of direction d
+    at::opmath_type<scalar_t>* __restrict__ dz_state, // [B, H] of direction d: dz_t unrounded, or nullptr
     int64_t rows, int64_t continuing, int64_t g_rows, int64_t H, int64_t rs) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t n = std::max(rows, g_rows) * H;
@@ -66,8 +73,9 @@ __global__ void __launch_bounds__(kThreads) step_backward_kernel(
       const int64_t off = r * rs + j;
       const acc_t carry = r < continuing ? g[idx] : (dh_last ? static_cast<acc_t>(dh_last[idx]) : acc_t(0));
       const acc_t dh = dh_t ? static_cast<acc_t>(dh_t[off]) : acc_t(0);
-      dz_t[off] = static_cast<scalar_t>(
-          times_activation_grad<kAct>(dh + carry, activation_grad<kAct>(static_cast<acc_t>(h_t[off]))));
+      const acc_t dz = times_activation_grad<kAct>(dh + carry, activation_grad<kAct>(static_cast<acc_t>(h_t[off])));
+      if (dz_state) dz_state[idx] = dz;
+      dz_t[off] = static_cast<scalar_t>(dz);
     }
     if (r >= continuing && r < g_rows) dh0[idx] = static_cast<scalar_t>(g[idx]);
   }
@@ -82,7 +90,8 @@ template <typename scalar_t, Activation kAct>
 __global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
     const scalar_t* __restrict__ h_t, const scalar_t* __restrict__ dh_t, const scalar_t* __restrict__ dh_last,
     const at::opmath_type<scalar_t>* __restrict__ g, scalar_t* __restrict__ dz_t, scalar_t* __restrict__ dh0,
-    int64_t rows, int64_t continuing, int64_t g_rows, int64_t H, int64_t rs, ClipMode clip_mode,
+    at::opmath_type<scalar_t>* __restrict__ dz_state, int64_t rows, int64_t continuing, int64_t g_rows, int64_t H,
+    int64_t rs, ClipMode clip_mode,
     double clip, at::opmath_type<scalar_t>* __restrict__ grad_norm, int64_t norm_stride) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kWarps = kThreads / 32;
@@ -119,8 +128,9 @@ __global__ void __launch_bounds__(kThreads) step_backward_options_kernel(
       v = v > c ? c : v;
       v = v < -c ? -c : v;
     }
-    dz_t[r * rs + j] = static_cast<scalar_t>(
-        times_activation_grad<kAct>(scale * v, activation_grad<kAct>(static_cast<acc_t>(h_t[r * rs + j]))));
+    const acc_t dz = times_activation_grad<kAct>(scale * v, activation_grad<kAct>(static_cast<acc_t>(h_t[r * rs + j])));
+    if (dz_state) dz_state[r * H + j] = dz;
+    dz_t[r * rs + j] = static_cast<scalar_t>(dz);
   }
 }
 
@@ -142,6 +152,10 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
                       const at::Tensor& h0, at::Tensor& h_all, at::Tensor& h_last) {
   const at::ScalarType acc_type = at::toOpMathType(xw.scalar_type());
   at::Tensor z = at::empty({p.B, p.H}, xw.options().dtype(acc_type));
+  // Half types: the state and W_hh in fp32 (see the memory plan above); fp32/fp64 read h_all in place.
+  const bool fp32_state = acc_type != xw.scalar_type();
+  at::Tensor state = fp32_state ? at::empty({p.D, p.B, p.H}, z.options()) : at::Tensor();
+  const at::Tensor w = fp32_state ? w_hh.to(acc_type) : w_hh, h_start = fp32_state ? h0.to(acc_type) : h0;
   const int64_t rs = p.D * p.H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const std::vector<std::vector<Step>> schedules = schedules_of(p);
@@ -151,20 +165,22 @@ void stepwise_forward(const RecurrenceProblem& p, const at::Tensor& xw, const at
       for (int64_t s = 0; s < p.T; ++s) {
         for (int64_t d = 0; d < p.D; ++d) {
           const Step& st = schedules[d][s];
-          const at::Tensor w_t = w_hh[d].t();
+          const at::Tensor w_t = w[d].t();
           if (st.carried > 0) {
             const Step& prev = schedules[d][s - 1];
-            mm_opmath(z.narrow(0, 0, st.carried), direction_rows(h_all, p, d).narrow(0, prev.row_begin, st.carried),
-                      w_t);
+            const at::Tensor h_prev = fp32_state ? state[d].narrow(0, 0, st.carried)
+                                                 : direction_rows(h_all, p, d).narrow(0, prev.row_begin, st.carried);
+            mm_opmath(z.narrow(0, 0, st.carried), h_prev, w_t);
           }
           if (st.rows > st.carried) {
             mm_opmath(z.narrow(0, st.carried, st.rows - st.carried),
-                      h0[d].narrow(0, st.carried, st.rows - st.carried), w_t);
+                      h_start[d].narrow(0, st.carried, st.rows - st.carried), w_t);
           }
           const int64_t off = st.row_begin * rs + d * p.H;
           launch_kernel(step_forward_kernel<scalar_t, kAct>, blocks_for(st.rows * p.H), kThreads, 0, stream,
               xw.data_ptr<scalar_t>() + off, z.data_ptr<acc_t>(), h_all.data_ptr<scalar_t>() + off,
-              h_last.data_ptr<scalar_t>() + d * p.B * p.H, st.rows, st.continuing, p.H, rs);
+              h_last.data_ptr<scalar_t>() + d * p.B * p.H,
+              fp32_state ? state.data_ptr<acc_t>() + d * p.B * p.H : nullptr, st.rows, st.continuing, p.H, rs);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
       }
@@ -177,6 +193,9 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
                        const BackwardOptions& opts, at::Tensor& grad_norm) {
   const at::ScalarType acc_type = at::toOpMathType(h_all.scalar_type());
   at::Tensor g = at::empty({p.B, p.H}, h_all.options().dtype(acc_type));
+  const bool fp32_state = acc_type != h_all.scalar_type();  // as in stepwise_forward: dz carried in fp32
+  at::Tensor dz_state = fp32_state ? at::empty({p.D, p.B, p.H}, g.options()) : at::Tensor();
+  const at::Tensor w = fp32_state ? w_hh.to(acc_type) : w_hh;
   const int64_t rs = p.D * p.H;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const std::vector<std::vector<Step>> schedules = schedules_of(p);
@@ -191,8 +210,9 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
           const Step cur = s >= 0 ? schedules[d][s] : Step{0, 0, 0, 0, 0};
           const int64_t g_rows = u > 0 ? schedules[d][s + 1].rows : 0;
           if (g_rows > 0) {
-            mm_opmath(g.narrow(0, 0, g_rows),
-                      direction_rows(dz, p, d).narrow(0, schedules[d][s + 1].row_begin, g_rows), w_hh[d]);
+            const at::Tensor dz_next = fp32_state ? dz_state[d].narrow(0, 0, g_rows)
+                                                  : direction_rows(dz, p, d).narrow(0, schedules[d][s + 1].row_begin, g_rows);
+            mm_opmath(g.narrow(0, 0, g_rows), dz_next, w[d]);
           }
           const int64_t n = std::max(cur.rows, g_rows) * p.H;
           if (n == 0) continue;
@@ -201,15 +221,16 @@ void stepwise_backward(const RecurrenceProblem& p, const at::Tensor& w_hh, const
           const scalar_t* h_ptr = h_all.data_ptr<scalar_t>() + off;
           const scalar_t* dh_ptr = dh_all.defined() ? dh_all.data_ptr<scalar_t>() + off : nullptr;
           const scalar_t* dh_last_ptr = dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr;
+          acc_t* dz_state_ptr = fp32_state ? dz_state.data_ptr<acc_t>() + state : nullptr;
           if (!opts.active()) {
             launch_kernel(step_backward_kernel<scalar_t, kAct>, blocks_for(n), kThreads, 0, stream,
                 h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
-                dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs);
+                dh0.data_ptr<scalar_t>() + state, dz_state_ptr, cur.rows, cur.continuing, g_rows, p.H, rs);
           } else {
             acc_t* norm_ptr = opts.record_norms ? grad_norm.data_ptr<acc_t>() + cur.row_begin * p.D + d : nullptr;
             launch_kernel(step_backward_options_kernel<scalar_t, kAct>, std::max(cur.rows, g_rows), kThreads, 0,
                 stream, h_ptr, dh_ptr, dh_last_ptr, g.data_ptr<acc_t>(), dz.data_ptr<scalar_t>() + off,
-                dh0.data_ptr<scalar_t>() + state, cur.rows, cur.continuing, g_rows, p.H, rs, opts.clip_mode,
+                dh0.data_ptr<scalar_t>() + state, dz_state_ptr, cur.rows, cur.continuing, g_rows, p.H, rs, opts.clip_mode,
                 opts.clip, norm_ptr, p.D);
           }
           C10_CUDA_KERNEL_LAUNCH_CHECK();
