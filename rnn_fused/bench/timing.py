@@ -12,7 +12,11 @@ Method (benchmarks/NOTES.md, "Benchmark method"):
    On a CPU the providers of one case are timed interleaved (``measure_interleaved``): each round takes one
    sample of every provider in a fresh random order, so a drift of the shared machine (measured at 10-30%
    between providers timed one after another, issue 18) hits all of them alike; every provider gets the
-   same number of rounds, planned from the slowest one's estimate;
+   same number of rounds, planned from the slowest one's estimate. A provider's turn is ROUND_WARMUP
+   untimed calls, then the sample: the sample right after another provider's call runs on the caches and
+   allocator that call left (measured: fwd T256 B1 H64, FusedRNN 0.17 ms timed alone, 0.27 ms as the first
+   call after the reference loop), a penalty that is no property of the provider and weighs most on the
+   shortest calls;
 4. reported: the median (robust to the odd preempted sample on a shared machine) and the 20th/80th
    percentiles as the spread, plus min, mean and the raw samples.
 """
@@ -39,6 +43,7 @@ class TimingPolicy:
 
 
 MIN_SAMPLES = 3  # below this a p20/p80 spread means nothing
+ROUND_WARMUP = 1  # untimed calls before each interleaved sample (see 3. above)
 
 
 @dataclass
@@ -120,7 +125,8 @@ def cpu_sampler(fn, clock=time.perf_counter):
 def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_counter,
                         rng: random.Random | None = None) -> dict[str, Stats]:
     """CPU: time several providers of one case in rounds; ``samplers``: name -> a function taking one sample
-    (ms). Warm-up and estimate per provider, then R rounds of one sample each in a random order, with R
+    (ms). Warm-up and estimate per provider, then R rounds of one turn each (ROUND_WARMUP untimed calls and
+    one sample) in a random order, with R
     planned from the slowest estimate (plan_repeats) and cut short (never below MIN_SAMPLES) once the
     rounds run past ``2 * max_time_s`` per provider, as ``measure`` does for one."""
     rng = rng or random.Random(0)
@@ -138,7 +144,7 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
     if not samplers:
         return {}
     rounds = plan_repeats(max(estimates.values()), policy)
-    deadline_s = 2 * policy.max_time_s * len(samplers)
+    deadline_s = 2 * policy.max_time_s * len(samplers) * (1 + ROUND_WARMUP)
     samples = {name: [] for name in samplers}
     order = list(samplers)
     gc_was_enabled = gc.isenabled()
@@ -149,6 +155,8 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
         for r in range(rounds):
             rng.shuffle(order)
             for name in order:
+                for _ in range(ROUND_WARMUP):
+                    samplers[name]()
                 samples[name].append(samplers[name]())
             if r + 1 >= MIN_SAMPLES and clock() - start > deadline_s:
                 break
