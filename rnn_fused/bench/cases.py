@@ -196,7 +196,7 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
         # The peers (jax, onnxruntime, openvino) on every case when installed: with them and the interleaved
-        # rounds the whole preset took 1m51s on the 2-core CPU (load ~20-40 from a CI job alongside), so
+        # rounds the whole preset took 2m12s on the 2-core CPU (benchmarks/NOTES.md, "Peers (issue 18)"), so
         # nothing is left out for them (issue 18 asks for the peers in quick).
         description="CPU smoke benchmark: the three CPU target cases plus small T/B/H sweeps, fp32, with the "
                     "peers (JAX, ONNX Runtime, OpenVINO) on every case when installed, < 5 min",
