@@ -9,6 +9,11 @@
 //     batch_sizes  None (padded), or int64 CPU [T], non-increasing, batch_sizes[0] == B (packed)
 //     h_all  like xw                                     every hidden state, h_t = act(xw_t + W_hh h_{t-1})
 //     h_last [D, B, H]                                   each sequence's state at its own last step
+//     clip_mode, clip, norm_probe: the options of the backward (below) that the registered autograd rule
+//            runs for this call; the forward's result is the same with or without them. norm_probe: None,
+//            or a tensor shaped like grad_norm (xw's shape without H, float32; float64 for float64 input)
+//            whose gradient the rule sets to grad_norm (the norms recorded by that backward). So the BPTT
+//            options go through the one registered rule, which torch.compile traces (rnn_fused/bptt.py).
 //
 //   recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
 //                       clip_mode="none", clip=0, record_norms=False) -> (dz, dh0, grad_norm)
@@ -34,8 +39,8 @@
 namespace rnn_fused {
 
 TORCH_LIBRARY(rnn_fused, m) {
-  m.def("recurrence_forward(Tensor xw, Tensor w_hh, Tensor h0, Tensor? batch_sizes, str activation) "
-        "-> (Tensor h_all, Tensor h_last)");
+  m.def("recurrence_forward(Tensor xw, Tensor w_hh, Tensor h0, Tensor? batch_sizes, str activation, "
+        "str clip_mode=\"none\", float clip=0., Tensor? norm_probe=None) -> (Tensor h_all, Tensor h_last)");
   m.def("recurrence_backward(Tensor w_hh, Tensor h_all, Tensor h0, Tensor? dh_all, Tensor? dh_last, "
         "Tensor? batch_sizes, str activation, str clip_mode=\"none\", float clip=0., bool record_norms=False) "
         "-> (Tensor dz, Tensor dh0, Tensor grad_norm)");

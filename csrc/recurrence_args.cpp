@@ -144,6 +144,22 @@ BackwardOptions check_backward_options(c10::string_view clip_mode, double clip, 
   return o;
 }
 
+BackwardOptions check_forward_options(const at::Tensor& xw, c10::string_view clip_mode, double clip,
+                                      const c10::optional<at::Tensor>& norm_probe) {
+  const BackwardOptions o = check_backward_options(clip_mode, clip, norm_probe.has_value());
+  if (norm_probe.has_value()) {
+    const at::Tensor& probe = *norm_probe;
+    const auto dtype = xw.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(probe.defined() && probe.sizes() == xw.sizes().slice(0, xw.dim() - 1) &&
+                    probe.scalar_type() == dtype && probe.device() == xw.device(),
+                "rnn_fused: norm_probe must be a ", dtype, " tensor of shape ", xw.sizes().slice(0, xw.dim() - 1),
+                " (xw's shape without H) on ", xw.device(), ", got ",
+                probe.defined() ? c10::str(probe.scalar_type(), " ", probe.sizes(), " on ", probe.device())
+                                : std::string("None"));
+  }
+  return o;
+}
+
 at::Tensor grad_norm_output(const at::Tensor& h_all, bool record_norms) {
   const auto dtype = h_all.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = h_all.options().dtype(dtype);

@@ -36,6 +36,11 @@ struct BackwardOptions {
 // Checks the backward op's clip_mode / clip / record_norms arguments.
 BackwardOptions check_backward_options(c10::string_view clip_mode, double clip, bool record_norms);
 
+// Checks the forward op's backward options (csrc/ops.cpp): clip_mode / clip, and norm_probe shaped like the
+// grad_norm the backward will record for xw.
+BackwardOptions check_forward_options(const at::Tensor& xw, c10::string_view clip_mode, double clip,
+                                      const c10::optional<at::Tensor>& norm_probe);
+
 // The backward's third output: ||g_t[row]|| per row and direction, h_all's shape without H ([T, B, D]
 // padded, [N, D] packed) in the accumulation dtype (float32 for half types); empty when not recording.
 at::Tensor grad_norm_output(const at::Tensor& h_all, bool record_norms);

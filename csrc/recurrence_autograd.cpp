@@ -5,9 +5,10 @@
 // BPTT for create_graph (recurrence_backward_reference, the reference's, registered from Python).
 //
 // The rule (rnn_fused/reference.py explains the split):
-//   forward : the kernels' forward below autograd; saves w_hh, h0, h_all and a copy of batch_sizes (the
-//             caller's PackedSequence may change before the backward).
-//   backward: dz, dh0 from the backward kernel; dxw = dz; dW_hh[d] = sum over rows of dz_t h_{t-1}^T as one
+//   forward : the kernels' forward below autograd; saves w_hh, h0, h_all, a copy of batch_sizes (the
+//             caller's PackedSequence may change before the backward) and the backward options.
+//   backward: dz, dh0 (and grad_norm, the gradient of norm_probe) from the backward kernel run under the
+//             options (clip_mode, clip, record_norms = norm_probe given); dxw = dz; dW_hh[d] = sum over rows of dz_t h_{t-1}^T as one
 //             or two large GEMMs per direction (never T small ones). When the backward itself is recorded
 //             (create_graph=True: grad mode is on inside the backward and something requires grad), BPTT
 //             runs as the reference's differentiable torch ops instead, as the kernels have no derivative.
@@ -24,27 +25,28 @@ using torch::autograd::variable_list;
 
 std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
                                                   const c10::optional<at::Tensor>& batch_sizes,
-                                                  c10::string_view activation) {
+                                                  c10::string_view activation, c10::string_view clip_mode,
+                                                  double clip, const c10::optional<at::Tensor>& norm_probe) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("rnn_fused::recurrence_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                                 c10::string_view)>();
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                           c10::string_view, c10::string_view, double, const c10::optional<at::Tensor>&)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  return op.call(xw, w_hh, h0, batch_sizes, activation);
+  return op.call(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& w_hh, const at::Tensor& h_all, const at::Tensor& h0, const c10::optional<at::Tensor>& dh_all,
     const c10::optional<at::Tensor>& dh_last, const c10::optional<at::Tensor>& batch_sizes,
-    c10::string_view activation) {
+    c10::string_view activation, c10::string_view clip_mode, double clip, bool record_norms) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("rnn_fused::recurrence_backward", "")
                        .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                            const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::string_view,
                            c10::string_view, double, bool)>();
-  return op.call(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, "none", 0.0, false);
+  return op.call(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation, clip_mode, clip, record_norms);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_reference(
@@ -83,11 +85,15 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xw, const at::Tensor& w_hh,
                                const at::Tensor& h0, const c10::optional<at::Tensor>& batch_sizes,
-                               c10::string_view activation) {
-    auto [h_all, h_last] = forward_kernel(xw, w_hh, h0, batch_sizes, activation);
+                               c10::string_view activation, c10::string_view clip_mode, double clip,
+                               const c10::optional<at::Tensor>& norm_probe) {
+    auto [h_all, h_last] = forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
     ctx->save_for_backward({w_hh, h0, h_all});
     ctx->saved_data["batch_sizes"] = batch_sizes.has_value() ? batch_sizes->clone() : at::Tensor();
     ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["clip_mode"] = std::string(clip_mode);
+    ctx->saved_data["clip"] = clip;
+    ctx->saved_data["record_norms"] = norm_probe.has_value();
     ctx->set_materialize_grads(false);  // an unused output's gradient stays None: the backward op takes None
     return {h_all, h_last};
   }
@@ -98,17 +104,26 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
     const at::Tensor bs = ctx->saved_data["batch_sizes"].toTensor();
     const c10::optional<at::Tensor> batch_sizes = defined_or_none(bs);
     const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const std::string clip_mode = ctx->saved_data["clip_mode"].toStringRef();
+    const double clip = ctx->saved_data["clip"].toDouble();
+    const bool record_norms = ctx->saved_data["record_norms"].toBool();
     const auto dh_all = defined_or_none(grads[0]), dh_last = defined_or_none(grads[1]);
-    at::Tensor dz, dh0;
+    at::Tensor dz, dh0, grad_norm;
     bool recorded = false;
     if (at::GradMode::is_enabled()) {
       for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grads[0], &grads[1], &w_hh, &h0, &h_all})
         recorded |= t->defined() && t->requires_grad();
     }
     if (recorded) {
+      // The clipped BPTT has no derivative of its own (plain BPTT has: the reference's torch ops).
+      TORCH_CHECK(clip_mode == "none" && !record_norms,
+                  "rnn_fused: in-BPTT clipping and gradient-norm recording do not support create_graph=True "
+                  "(double backward); build the model without bptt_clip and record_grad_norms for gradient "
+                  "penalties");
       std::tie(dz, dh0) = backward_reference(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation);
     } else {
-      std::tie(dz, dh0, std::ignore) = backward_kernel(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation);
+      std::tie(dz, dh0, grad_norm) = backward_kernel(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
+                                                     clip_mode, clip, record_norms);
     }
     at::Tensor dw_hh;
     if (ctx->needs_input_grad(1)) {
@@ -118,17 +133,21 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
                                                       const c10::optional<at::Tensor>&)>();
       dw_hh = weight_grad.call(dz, h_all, h0, batch_sizes);
     }
-    return {dz, dw_hh, dh0, at::Tensor(), at::Tensor()};
+    // norm_probe's gradient is the recorded norms (csrc/ops.cpp).
+    return {dz, dw_hh, dh0, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            record_norms ? grad_norm : at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor> recurrence_forward_autograd(const at::Tensor& xw, const at::Tensor& w_hh,
                                                                const at::Tensor& h0,
                                                                const c10::optional<at::Tensor>& batch_sizes,
-                                                               c10::string_view activation) {
+                                                               c10::string_view activation, c10::string_view clip_mode,
+                                                               double clip, const c10::optional<at::Tensor>& norm_probe) {
   // A None tensor argument: autograd cannot record it; the kernel's contract check raises, naming it.
-  if (!xw.defined() || !w_hh.defined() || !h0.defined()) return forward_kernel(xw, w_hh, h0, batch_sizes, activation);
-  variable_list out = RecurrenceFunction::apply(xw, w_hh, h0, batch_sizes, activation);
+  if (!xw.defined() || !w_hh.defined() || !h0.defined())
+    return forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
+  variable_list out = RecurrenceFunction::apply(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   return {out[0], out[1]};
 }
 

@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> rnn(const at::Tensor& input, const c10::optio
                                .findSchemaOrThrow("rnn_fused::recurrence_forward", "")
                                .typed<std::tuple<at::Tensor, at::Tensor>(
                                    const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                   const c10::optional<at::Tensor>&, c10::string_view)>();
+                                   const c10::optional<at::Tensor>&, c10::string_view, c10::string_view, double,
+                                   const c10::optional<at::Tensor>&)>();
   const int64_t D = bidirectional ? 2 : 1, per_direction = has_biases ? 4 : 2;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == num_layers * D * per_direction, "rnn_fused::rnn: expected ",
               num_layers * D * per_direction, " parameters, got ", params.size());
@@ -58,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> rnn(const at::Tensor& input, const c10::optio
     xw_shape.push_back(w_hh[0].sym_size(0));
     xw = xw.view_symint(xw_shape);
     const at::Tensor h0 = hx.slice(0, layer * D, (layer + 1) * D);
-    auto [h_all, h_last] = recurrence.call(xw, stacked(w_hh), h0, batch_sizes, activation);
+    auto [h_all, h_last] = recurrence.call(xw, stacked(w_hh), h0, batch_sizes, activation, "none", 0.0, c10::nullopt);
     h_n.push_back(h_last);
     std::vector<c10::SymInt> out_shape(x.sym_sizes().begin(), x.sym_sizes().end() - 1);
     out_shape.push_back(DH);

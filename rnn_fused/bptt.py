@@ -1,23 +1,25 @@
 """BPTT with options: in-BPTT gradient clipping and recording of ||dL/dh_t||, on every backend.
 
-The plain path (``functional.recurrence`` without options) goes through the ops' registered autograd
-(rnn_fused/ops.py), which torch.compile can trace. This path wraps the same forward and backward ops of the
-chosen backend in an ``autograd.Function`` that passes the backward op its ``clip_mode`` / ``clip`` /
-``record_norms`` arguments (semantics in csrc/ops.cpp, reference rule in ``reference.clip_gradient``) and
-hands the recorded norms to a Python callback. The callback is a side effect of the backward, so
-this path is for eager mode: torch.compile(fullgraph=True) raises; plain torch.compile graph-breaks around
-it and runs it eagerly; a double backward (create_graph=True), which the plain path supports, raises.
+The options travel with the forward call: the op boundary's ``recurrence_forward`` takes ``clip_mode``,
+``clip`` and a ``norm_probe`` (csrc/ops.cpp), and its one registered autograd rule (C++ for the C++ kernels,
+the same rule in Python for Triton's) runs the backward op under them and hands the recorded norms back as
+the probe's gradient. No Python runs inside the backward, so torch.compile(fullgraph=True) traces a model
+with ``bptt_clip`` (tests/test_bptt.py). Recording goes through a hook on the probe, a leaf created by the
+forward (diagnostics.GradFlow), so it runs eagerly: under torch.compile, ``record_grad_norms`` raises.
+
+The reference backend (plain torch ops, differentiated by autograd) has no such rule; its options run in an
+``autograd.Function`` here that calls the reference's own backward with the same arguments. A double
+backward (create_graph=True) with options raises on every backend: clipped BPTT has no derivative.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from . import _extension, contract, ops, reference
+from . import _extension, contract, func_transforms, ops, reference
 
 
 @dataclass(frozen=True)
@@ -25,20 +27,21 @@ class BPTTOptions:
     """What the backward does besides BPTT.
 
     clip_mode: ``"none"``, ``"value"`` or ``"norm"``; clip: the bound (> 0 unless clip_mode is "none");
-    on_grad_norm: called during backward with ``grad_norm`` (``||dL/dh_t||`` per row and direction, before
-    clipping, shaped like ``h_all`` without its last dimension) or None not to record.
+    norm_probe: None, or a tensor shaped like the recorded norms (``h_all``'s shape without H, float32;
+    float64 for float64) that requires grad: the backward sets its gradient to ``||dL/dh_t||`` per row and
+    direction, before clipping.
     """
 
     clip_mode: str = "none"
     clip: float = 0.0
-    on_grad_norm: Callable[[Tensor], None] | None = None
+    norm_probe: Tensor | None = None
 
     def __post_init__(self):
         contract.check_clip(self.clip_mode, self.clip)
 
     @property
     def active(self) -> bool:
-        return self.clip_mode != "none" or self.on_grad_norm is not None
+        return self.clip_mode != "none" or self.norm_probe is not None
 
 
 def backend_ops(backend: str):
@@ -53,38 +56,44 @@ def backend_ops(backend: str):
     return reference.recurrence_forward, reference.recurrence_backward
 
 
-class _RecurrenceWithOptions(torch.autograd.Function):
+class _ReferenceWithOptions(torch.autograd.Function):
+    """The reference backend's options: its forward, and its backward run with the options."""
+
     @staticmethod
-    def forward(ctx, xw, w_hh, h0, batch_sizes, activation, backend, options):
-        forward_op, backward_op = backend_ops(backend)
-        h_all, h_last = forward_op(xw, w_hh, h0, batch_sizes, activation)
+    def forward(ctx, xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe):
+        h_all, h_last = reference.recurrence_forward(xw, w_hh, h0, batch_sizes, activation)
         ctx.save_for_backward(w_hh, h0, h_all)
         # A copy of batch_sizes: the caller's tensor may change before the backward runs (rnn_fused/ops.py).
         ctx.batch_sizes = batch_sizes.clone() if batch_sizes is not None else None
-        ctx.activation, ctx.options, ctx.backward_op = activation, options, backward_op
+        ctx.activation, ctx.clip_mode, ctx.clip = activation, clip_mode, clip
+        ctx.record_norms = norm_probe is not None
         return h_all, h_last
 
     @staticmethod
     def backward(ctx, dh_all, dh_last):
         if torch.is_grad_enabled():
-            # create_graph=True: the clipped BPTT has no derivative of its own (the plain path has one)
-            raise RuntimeError("rnn_fused: in-BPTT clipping and gradient-norm recording do not support "
-                               "create_graph=True (double backward); build the model without bptt_clip and "
-                               "record_grad_norms for gradient penalties")
+            raise RuntimeError(ops.OPTIONS_NOT_TWICE_DIFFERENTIABLE)
         w_hh, h0, h_all = ops.saved_tensors(ctx)
-        o = ctx.options
-        dz, dh0, grad_norm = ctx.backward_op(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation,
-                                           o.clip_mode, float(o.clip), o.on_grad_norm is not None)
-        if o.on_grad_norm is not None:
-            o.on_grad_norm(grad_norm)
+        dz, dh0, grad_norm = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes,
+                                                           ctx.activation, ctx.clip_mode, ctx.clip, ctx.record_norms)
         dw_hh = ops.weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
-        return dz, dw_hh, dh0, None, None, None, None
+        return dz, dw_hh, dh0, None, None, None, None, grad_norm if ctx.record_norms else None
 
 
 def recurrence_with_options(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str,
                             backend: str, options: BPTTOptions) -> tuple[Tensor, Tensor]:
     """``functional.recurrence`` on the concrete ``backend`` with the backward run under ``options``."""
+    if func_transforms.active():
+        raise RuntimeError("rnn_fused: in-BPTT clipping and gradient-norm recording are not supported under "
+                           "torch.func transforms; build the model without bptt_clip and record_grad_norms there")
+    args = (xw, w_hh, h0, batch_sizes, activation, options.clip_mode, float(options.clip), options.norm_probe)
+    if backend in ("cpu", "cuda"):
+        return torch.ops.rnn_fused.recurrence_forward(*args)
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend.recurrence_forward(*args)
     if torch.compiler.is_compiling():
-        raise RuntimeError("rnn_fused: in-BPTT clipping and gradient-norm recording run in eager mode only "
-                           "(their backward calls back into Python); compile the model without them")
-    return _RecurrenceWithOptions.apply(xw, w_hh, h0, batch_sizes, activation, backend, options)
+        raise RuntimeError("rnn_fused: in-BPTT clipping and gradient-norm recording on backend='reference' run "
+                           "in eager mode only; compile with backend='cpu', 'cuda' or 'triton'")
+    return _ReferenceWithOptions.apply(*args)

@@ -155,6 +155,22 @@ def check_backward(w_hh: Tensor, h_all: Tensor, h0: Tensor, dh_all: Tensor | Non
     return p
 
 
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the recorded gradient norms (grad_norm, norm_probe): float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_forward_options(xw: Tensor, clip_mode: str, clip: float, norm_probe: Tensor | None) -> None:
+    """The forward op's backward options (check_forward_options of csrc/recurrence_args.cpp)."""
+    check_clip(clip_mode, clip)
+    if norm_probe is not None:
+        shape, dtype = tuple(xw.shape[:-1]), norm_dtype(xw.dtype)
+        if tuple(norm_probe.shape) != shape or norm_probe.dtype != dtype or norm_probe.device != xw.device:
+            fail(f"norm_probe must be a {dtype_name(dtype)} tensor of shape {list(shape)} (xw's shape without H) "
+                 f"on {xw.device}, got {dtype_name(norm_probe.dtype)} {list(norm_probe.shape)} on "
+                 f"{norm_probe.device}")
+
+
 def check_clip(clip_mode: str, clip: float) -> None:
     """The clip arguments of the backward (check_backward_options of csrc/recurrence_args.cpp): the one rule
     for every backend's backward op and for ``bptt.BPTTOptions``, raising RuntimeError as the C++ op does."""

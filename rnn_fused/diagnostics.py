@@ -58,12 +58,17 @@ class GradFlow:
         self._grad_norm: list[Tensor | None] = [None] * num_layers
         self._radius: Tensor | None = None
 
-    def sink(self, layer: int):
-        """The callback that layer ``layer``'s backward hands its ``grad_norm`` to. It only keeps the
-        tensor: copying it to the CPU here would synchronise a CUDA backward once per layer."""
+    def probe(self, layer: int, shape, dtype: torch.dtype, device) -> Tensor:
+        """Layer ``layer``'s norm probe (bptt.BPTTOptions): a zero leaf whose gradient the backward sets to
+        the recorded norms; a hook keeps that gradient (overwritten by a second backward, not summed). It only
+        keeps the tensor: copying it to the CPU here would synchronise a CUDA backward once per layer."""
+        probe = torch.zeros(shape, dtype=dtype, device=device, requires_grad=True)
+
         def record(grad_norm: Tensor) -> None:
             self._grad_norm[layer] = grad_norm.detach()
-        return record
+
+        probe.register_hook(record)
+        return probe
 
     @property
     def complete(self) -> bool:

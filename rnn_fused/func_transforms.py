@@ -21,8 +21,9 @@ from torch import Tensor
 def active() -> bool:
     """Whether a torch.func transform is running (its interpreter stack is not empty).
 
-    Private API (torch._C._functorch); tests/test_func.py fails loudly if torch changes it."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    Private API (torch._C._functorch); tests/test_func.py fails loudly if torch changes it. False while
+    torch.compile traces (dynamo answers it from its own state there)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def recurrence(forward_op, backward_op, xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None,

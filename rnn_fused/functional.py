@@ -16,7 +16,7 @@ def recurrence(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None 
 
     Shapes as in csrc/ops.cpp: ``xw`` ``[T, B, D, H]`` (or ``[N, D, H]`` packed with ``batch_sizes``),
     ``w_hh`` ``[D, H, H]``, ``h0`` ``[D, B, H]``. Differentiable w.r.t. ``xw``, ``w_hh`` and ``h0``.
-    ``bptt``: in-BPTT clipping and gradient-norm recording (rnn_fused/bptt.py; eager mode only).
+    ``bptt``: in-BPTT clipping and gradient-norm recording (rnn_fused/bptt.py).
     """
     forward = recurrence_forward_fn(resolve(backend, xw.device, xw.dtype), bptt)
     return forward(xw, w_hh, h0, batch_sizes, activation)

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import onnx_export, scripting
-from . import backends
+from . import backends, contract, onnx_export, scripting
 from .backends import check_name
 from .bptt import BPTTOptions
 from .diagnostics import GradFlow
@@ -92,8 +91,8 @@ class FusedRNN(nn.RNNBase):
     ``'triton'``, ``'cpu'`` or ``'reference'`` (plain PyTorch). An explicit backend that cannot run the
     input raises ``rnn_fused.BackendUnavailableError`` saying why.
 
-    BPTT options (keyword-only; docs/bptt.md explains them; they run eagerly: ``torch.compile(fullgraph=True)``
-    raises, plain ``torch.compile`` graph-breaks around the recurrence):
+    BPTT options (keyword-only; docs/bptt.md explains them; ``bptt_clip`` compiles with
+    ``torch.compile(fullgraph=True)`` on the kernel backends, ``record_grad_norms`` runs eagerly):
 
     - ``record_grad_norms``: every forward sets ``self.grad_flow``, a ``rnn_fused.diagnostics.GradFlow``
       that the backward fills with ``||dL/dh_t||`` per layer, direction and time step (before clipping).
@@ -147,13 +146,20 @@ class FusedRNN(nn.RNNBase):
             s += f", bptt_clip={self.bptt_clip}, bptt_clip_mode={self.bptt_clip_mode!r}"
         return s
 
-    def _bptt_options(self, layer: int) -> BPTTOptions | None:
-        """The layer's BPTT options, or None when neither recording nor clipping."""
+    def _bptt_options(self, layer: int, x: Tensor) -> BPTTOptions | None:
+        """Layer ``layer``'s BPTT options for its input ``x``, or None when neither recording nor clipping."""
         if not self.record_grad_norms and self.bptt_clip is None:
             return None
         clip_mode, clip = ("none", 0.0) if self.bptt_clip is None else (self.bptt_clip_mode, self.bptt_clip)
-        sink = self.grad_flow.sink(layer) if self.record_grad_norms else None
-        return BPTTOptions(clip_mode, clip, sink)
+        probe = None
+        if self.record_grad_norms:
+            if torch.compiler.is_compiling():
+                raise RuntimeError("rnn_fused: record_grad_norms runs in eager mode only (the norms reach "
+                                   "module.grad_flow through a hook); compile the model without it (bptt_clip "
+                                   "compiles)")
+            D = 2 if self.bidirectional else 1
+            probe = self.grad_flow.probe(layer, (*x.shape[:-1], D), contract.norm_dtype(x.dtype), x.device)
+        return BPTTOptions(clip_mode, clip, probe)
 
     def _layer_weights(self, layer: int, dtype: torch.dtype | None = None):
         """One layer's parameters stacked over directions: w_ih [D,H,I], w_hh [D,H,H], bias [D,H] or None.
@@ -268,7 +274,7 @@ class FusedRNN(nn.RNNBase):
                 else:
                     w_ih, w_hh, bias = weights[layer]
                     layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
-                                                     activation, self.backend, self._bptt_options(layer))
+                                                     activation, self.backend, self._bptt_options(layer, layer_input))
                 h_n.append(h_last)
                 # Dropout sits between layers only, in training only; h_n is taken before it.
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:

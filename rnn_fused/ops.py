@@ -21,10 +21,12 @@ from . import contract, reference
 _CONTIGUOUS = dict(memory_format=torch.contiguous_format)
 
 
-def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str):
+def fake_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None, activation: str,
+                 clip_mode: str = "none", clip: float = 0.0, norm_probe: Tensor | None = None):
     # The fakes validate like the kernels: a call sent here because one argument is on the meta device must
     # not return an empty tensor of another device with a grad_fn.
     contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
+    contract.check_forward_options(xw, clip_mode, clip, norm_probe)
     return torch.empty_like(xw, **_CONTIGUOUS), torch.empty_like(h0, **_CONTIGUOUS)
 
 
@@ -40,6 +42,12 @@ def weight_grad(dz: Tensor, h_all: Tensor, h0: Tensor, batch_sizes: Tensor | Non
     """dW_hh[d] = sum over steps and rows of dz_t h_{t-1}^T: the extension's op (csrc/recurrence_autograd.cpp),
     one rule for every backend's autograd."""
     return torch.ops.rnn_fused.recurrence_weight_grad(dz, h_all, h0, batch_sizes)
+
+
+# csrc/recurrence_autograd.cpp raises the same words.
+OPTIONS_NOT_TWICE_DIFFERENTIABLE = (
+    "rnn_fused: in-BPTT clipping and gradient-norm recording do not support create_graph=True (double "
+    "backward); build the model without bptt_clip and record_grad_norms for gradient penalties")
 
 
 def register_fakes(forward_op: str, backward_op: str) -> None:
@@ -85,8 +93,9 @@ def register(forward_op: str, backward_op: str) -> None:
     backward = _resolve(backward_op)
 
     def setup_context(ctx, inputs, output):
-        xw, w_hh, h0, batch_sizes, activation = inputs
+        xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe = inputs
         h_all, _ = output
+        ctx.options = (clip_mode, clip, norm_probe is not None)
         ctx.save_for_backward(w_hh, h0, h_all)
         # A copy: the caller's tensor (a PackedSequence's batch_sizes) may change before the backward runs.
         ctx.batch_sizes = batch_sizes.clone() if batch_sizes is not None else None
@@ -94,16 +103,22 @@ def register(forward_op: str, backward_op: str) -> None:
 
     def backward_rule(ctx, dh_all, dh_last):
         w_hh, h0, h_all = saved_tensors(ctx)
+        clip_mode, clip, record_norms = ctx.options
+        grad_norm = None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (dh_all, dh_last, w_hh, h0, h_all)):
+            if clip_mode != "none" or record_norms:
+                raise RuntimeError(OPTIONS_NOT_TWICE_DIFFERENTIABLE)
             # create_graph=True (gradient penalties differentiate the gradient): the kernels have no
             # derivative of their own, so BPTT runs as the reference's differentiable torch ops instead.
             dz, dh0, _ = reference.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes,
                                                        ctx.activation)
         else:
-            dz, dh0, _ = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation)
+            dz, dh0, grad_norm = backward(w_hh, h_all, h0, dh_all, dh_last, ctx.batch_sizes, ctx.activation,
+                                          clip_mode, clip, record_norms)
         dw_hh = weight_grad(dz, h_all, h0, ctx.batch_sizes) if ctx.needs_input_grad[1] else None
-        return dz, dw_hh, dh0, None, None
+        # norm_probe's gradient is the recorded norms (csrc/ops.cpp).
+        return dz, dw_hh, dh0, None, None, None, None, grad_norm if record_norms else None
 
     torch.library.register_autograd(forward_op, backward_rule, setup_context=setup_context)
 

@@ -415,15 +415,43 @@ def test_options_off_is_the_plain_path(backend):
     assert all(same(g_on[k], g_off[k]) for k in g_off) and same(dx_on, dx_off)
 
 
-def test_torch_compile_refuses_bptt_options_with_a_clear_error():
-    rnn = FusedRNN(3, 4, backend="reference", bptt_clip=1.0)
+@pytest.mark.parametrize("clip_mode", ["norm", "value"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_torch_compile_fullgraph_with_bptt_clip_matches_eager(backend, clip_mode):
+    """The clip travels through the op's one registered autograd rule: fullgraph compiles, same gradients."""
+    torch.manual_seed(0)
+    eager = FusedRNN(3, 4, num_layers=2, bidirectional=True, backend=backend, bptt_clip=0.05,
+                     bptt_clip_mode=clip_mode)
+    compiled_module = FusedRNN(3, 4, num_layers=2, bidirectional=True, backend=backend, bptt_clip=0.05,
+                               bptt_clip_mode=clip_mode)
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
+    x = torch.randn(6, 2, 3)
+    for model in (eager, compiled):
+        out, h = model(x)
+        (out.square().sum() + h.sum()).backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled_module.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    plain = FusedRNN(3, 4, num_layers=2, bidirectional=True, backend=backend)
+    plain.load_state_dict(eager.state_dict())
+    out, h = plain(x)
+    (out.square().sum() + h.sum()).backward()
+    assert not torch.allclose(plain.weight_hh_l0.grad, eager.weight_hh_l0.grad), "the clip must bind here"
+
+
+@pytest.mark.parametrize("kwargs", [dict(backend="reference", bptt_clip=1.0), dict(record_grad_norms=True)])
+def test_torch_compile_refuses_what_runs_eagerly_with_a_clear_error(kwargs):
+    rnn = FusedRNN(3, 4, **kwargs)
     compiled = torch.compile(rnn, backend="eager", fullgraph=True)
     with pytest.raises(RuntimeError, match="eager mode only"):
         compiled(torch.randn(5, 2, 3))
 
 
-def test_double_backward_with_bptt_options_raises_a_clear_error():
-    rnn = FusedRNN(2, 3, backend="reference", bptt_clip=1.0, dtype=torch.float64)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_double_backward_with_bptt_options_raises_a_clear_error(backend):
+    if backend == "triton":
+        pytest.skip("Triton takes no float64")
+    rnn = FusedRNN(2, 3, backend=backend, bptt_clip=1.0, dtype=torch.float64)
     x = torch.randn(4, 2, 2, dtype=torch.float64, requires_grad=True)
     out, _ = rnn(x)
     with pytest.raises(RuntimeError, match="do not support create_graph=True"):

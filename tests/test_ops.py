@@ -185,6 +185,9 @@ def test_opcheck(device, backend, packed):
     xw, w_hh, h0, bs = _random_problem(2, packed, torch.float32, device)
     fwd_args = (xw.requires_grad_(), w_hh.requires_grad_(), h0.requires_grad_(), bs, "tanh")
     torch.library.opcheck(torch.ops.rnn_fused.recurrence_forward.default, fwd_args)
+    # With the backward options: the clip and the norm probe (whose gradient is the recorded norms).
+    probe = torch.zeros(xw.shape[:-1], device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.rnn_fused.recurrence_forward.default, (*fwd_args, "norm", 0.5, probe))
     h_all, h_last = torch.ops.rnn_fused.recurrence_forward(xw.detach(), w_hh.detach(), h0.detach(), bs, "tanh")
     bwd_args = (w_hh.detach(), h_all, h0.detach(), torch.randn_like(h_all), torch.randn_like(h_last), bs, "tanh")
     torch.library.opcheck(torch.ops.rnn_fused.recurrence_backward.default, bwd_args)

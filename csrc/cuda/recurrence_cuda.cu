@@ -52,8 +52,10 @@ void check_cuda(const at::Tensor& t, const char* name) {
 std::tuple<at::Tensor, at::Tensor> recurrence_forward_cuda(const at::Tensor& xw_in, const at::Tensor& w_hh_in,
                                                            const at::Tensor& h0_in,
                                                            const c10::optional<at::Tensor>& batch_sizes,
-                                                           c10::string_view activation) {
+                                                           c10::string_view activation, c10::string_view clip_mode,
+                                                           double clip, const c10::optional<at::Tensor>& norm_probe) {
   const RecurrenceProblem p = check_forward_args(xw_in, w_hh_in, h0_in, batch_sizes, activation);
+  check_forward_options(xw_in, clip_mode, clip, norm_probe);  // the backward's; the forward is the same
   check_cuda(w_hh_in, "w_hh");
   const c10::cuda::CUDAGuard guard(w_hh_in.device());
   const at::Tensor xw = xw_in.contiguous(), w_hh = w_hh_in.contiguous(), h0 = h0_in.contiguous();

@@ -444,8 +444,11 @@ def _step_grid(B: int, D: int, H: int):
 
 @torch.library.custom_op("rnn_fused::triton_recurrence_forward", mutates_args=())
 def triton_recurrence_forward(xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Optional[Tensor],
-                              activation: str) -> tuple[Tensor, Tensor]:
+                              activation: str, clip_mode: str = "none", clip: float = 0.0,
+                              norm_probe: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    # clip_mode, clip, norm_probe: the options of this call's backward (csrc/ops.cpp); the forward ignores them.
     p = contract.check_forward(xw, w_hh, h0, batch_sizes, activation)
+    contract.check_forward_options(xw, clip_mode, clip, norm_probe)
     _check_dtype(w_hh)
     T, B, D, H, sizes = p.T, p.B, p.D, p.H, p.sizes
     h_all, h_last = _output_like(xw), _output_like(h0)
