@@ -26,7 +26,6 @@ provider the status, the per-call microseconds of every round, median, p20, p80,
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import random
@@ -45,7 +44,7 @@ from torch import nn
 from .. import backends
 from ..modules import FusedRNN, FusedRNNCell
 from . import env
-from .timing import percentile
+from .timing import gc_paused, percentile
 
 SCHEMA = "rnn-fused-latency/1"
 T_VALUES = (1, 2, 4, 8, 16, 64)
@@ -176,51 +175,27 @@ def torch_call(case: LatencyCase, model: nn.Module, inputs: Inputs):
 
 
 def onnx_unavailable() -> str | None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as error:
-        return f"onnx and onnxruntime are needed ({error})"
-    return None
+    """Why the ONNX Runtime column is skipped (the suite's peer check), None when it can run."""
+    from .peers_onnx import missing
+
+    return missing("onnx", "onnxruntime")
 
 
 def ort_call(case: LatencyCase, baseline: nn.RNN, inputs: Inputs, threads: int):
-    """ONNX Runtime running one ONNX ``RNN`` node with nn.RNN's weights: W [1, H, I], R [1, H, H],
-    B [1, 2H] = (b_ih, b_hh), as ONNX lays them out; X [T, B, I] and initial_h [1, B, H] are inputs."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    """ONNX Runtime running the ONNX ``RNN`` node of the suite's peer (peers_onnx.rnn_model) with nn.RNN's
+    weights; X [T, B, I] and the initial state are inputs."""
+    from .cases import Case
+    from .peers_onnx import ort_session, rnn_model
 
-    H = case.H
-    state = {k: v.detach().numpy() for k, v in baseline.state_dict().items()}
-    initializers = [numpy_helper.from_array(state["weight_ih_l0"][None], "W"),
-                    numpy_helper.from_array(state["weight_hh_l0"][None], "R"),
-                    numpy_helper.from_array(
-                        torch.cat([baseline.bias_ih_l0, baseline.bias_hh_l0]).detach().numpy()[None], "B")]
-    node = helper.make_node("RNN", ["X", "W", "R", "B", "", "initial_h"], ["Y", "Y_h"], hidden_size=H,
-                            activations=["Tanh"])
-    graph = helper.make_graph(
-        [node], "latency_rnn",
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["T", "B", H]),
-         helper.make_tensor_value_info("initial_h", TensorProto.FLOAT, [1, "B", H])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["T", 1, "B", H]),
-         helper.make_tensor_value_info("Y_h", TensorProto.FLOAT, [1, "B", H])],
-        initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    onnx.checker.check_model(model)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"X": inputs.x.numpy(), "initial_h": inputs.h0.numpy()}
+    session = ort_session(rnn_model(Case(case.T, case.B, case.H, case.H), baseline.state_dict()), threads)
+    feeds = {"X": inputs.x.numpy(), "h0_l0": inputs.h0.numpy()}
 
     def timed():
-        return session.run(None, feeds)
+        return session.run(["output", "h_n"], feeds)
 
     def result():
         y, y_h = timed()
-        return {"output": torch.from_numpy(y)[:, 0], "h_n": torch.from_numpy(y_h)}
+        return {"output": torch.from_numpy(y), "h_n": torch.from_numpy(y_h)}
     return timed, result
 
 
@@ -257,19 +232,13 @@ def interleaved(calls: dict, rounds: int, n: int) -> dict[str, list[float]]:
     """Per provider, the per-call microseconds of each round (after WARMUP_ROUNDS untimed ones)."""
     samples = {name: [] for name in calls}
     order = list(calls)
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
+    with gc_paused():
         for r in range(WARMUP_ROUNDS + rounds):
             random.shuffle(order)
             for name in order:
                 us = _per_call_us(calls[name], n)
                 if r >= WARMUP_ROUNDS:
                     samples[name].append(us)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return samples
 
 

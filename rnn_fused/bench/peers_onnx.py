@@ -94,6 +94,18 @@ def rnn_model(case: Case, state: dict[str, torch.Tensor]):
     return model
 
 
+def ort_session(model, threads: int):
+    """An ONNX Runtime CPU session of ``model`` pinned to ``threads`` intra-op threads, one inter-op thread,
+    sequential execution (the run's thread count, as every provider)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def feeds(workload: Workload) -> dict[str, np.ndarray]:
     """The graph's inputs as numpy, made once outside the timed call (contiguous copies)."""
     D = 2 if workload.case.bidirectional else 1
@@ -112,14 +124,7 @@ class OnnxRuntime(Provider):
         return missing("onnx", "onnxruntime") or onnx_unsupported(case)
 
     def make_call(self, workload: Workload):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        model = rnn_model(workload.case, workload.baseline.state_dict())
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = ort_session(rnn_model(workload.case, workload.baseline.state_dict()), torch.get_num_threads())
         inputs = feeds(workload)
 
         def call():

@@ -23,6 +23,7 @@ Method (benchmarks/NOTES.md, "Benchmark method"):
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import random
@@ -147,11 +148,8 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
     deadline_s = 2 * policy.max_time_s * len(samplers) * (1 + ROUND_WARMUP)
     samples = {name: [] for name in samplers}
     order = list(samplers)
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    start = clock()
-    try:
+    with gc_paused():
+        start = clock()
         for r in range(rounds):
             rng.shuffle(order)
             for name in order:
@@ -160,30 +158,35 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
                 samples[name].append(samplers[name]())
             if r + 1 >= MIN_SAMPLES and clock() - start > deadline_s:
                 break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return {name: summarize(s) for name, s in samples.items()}
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """The garbage collector off (after one collection) around timed CPU calls: a GC pause inside one sample
+    would only add noise. Restored as it was, exception or not."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _cpu_samples(fn, repeats: int, clock, deadline_s: float) -> list[float]:
     """``repeats`` samples, or fewer (never below MIN_SAMPLES) once ``deadline_s`` has passed: calls that turn
     out much slower than the estimate (a loaded machine) must not stretch one measurement without bound."""
     samples = []
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    start = clock()
-    try:
+    with gc_paused():
+        start = clock()
         for _ in range(repeats):
             t0 = clock()
             fn()
             samples.append((clock() - t0) * 1e3)
             if len(samples) >= MIN_SAMPLES and clock() - start > deadline_s:
                 break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
     return samples
 
 
