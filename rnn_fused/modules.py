@@ -316,26 +316,10 @@ class FusedRNNCell(nn.RNNCell):
         return scripting.scriptable_twin(self)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if input.dim() not in (1, 2):
-            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None and hx.dim() not in (1, 2):
-            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-        elif not is_batched:
-            hx = hx.unsqueeze(0)
+        input, hx, is_batched = scripting.cell_arguments(input, hx, self.hidden_size)
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
-        if hx.size(0) != input.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
-        if hx.size(1) != self.hidden_size:
-            raise RuntimeError(
-                f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}")
+        scripting.check_cell_sizes(input, hx, self.input_size, self.hidden_size)
         _check_same_device(input, hx)
         compute_dtype = _autocast_dtype(input)
         weights = _parameters(self, _CELL_PARAMETERS if self.bias else _CELL_PARAMETERS[:2])

@@ -48,6 +48,34 @@ def _recurrence(xw: Tensor, w_hh: Tensor, h0: Tensor, activation: str) -> Tuple[
     return torch.ops.rnn_fused.recurrence_forward(xw, w_hh, h0, None, activation)
 
 
+def cell_arguments(input: Tensor, hx: Optional[Tensor], hidden_size: int) -> Tuple[Tensor, Tensor, bool]:
+    """nn.RNNCell's handling of its arguments, with its messages: the ranks checked, unbatched input as a
+    batch of one, hx zeros when None. Returns (input [B, I], hx [B, H], is_batched). Shared by FusedRNNCell
+    and its twin below, so written in TorchScript's subset."""
+    if input.dim() != 1 and input.dim() != 2:
+        raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    if hx is not None and hx.dim() != 1 and hx.dim() != 2:
+        raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        hx = torch.zeros(input.size(0), hidden_size, dtype=input.dtype, device=input.device)
+    elif not is_batched:
+        hx = hx.unsqueeze(0)
+    return input, hx, is_batched
+
+
+def check_cell_sizes(input: Tensor, hx: Tensor, input_size: int, hidden_size: int) -> None:
+    """nn.RNNCell's size checks of (input [B, I], hx [B, H]), with its messages."""
+    if input.size(1) != input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {input_size}")
+    if hx.size(0) != input.size(0):
+        raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
+    if hx.size(1) != hidden_size:
+        raise RuntimeError(f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {hidden_size}")
+
+
 def _stack(tensors: List[Tensor]) -> Tensor:
     return torch.stack(tensors)
 
@@ -138,24 +166,8 @@ class ScriptedFusedRNNCell(nn.RNNCellBase):
         self.train(source.training)
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
-        if input.dim() != 1 and input.dim() != 2:
-            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None and hx.dim() != 1 and hx.dim() != 2:
-            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        if hx is None:
-            hx = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
-        elif not is_batched:
-            hx = hx.unsqueeze(0)
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
-        if hx.size(0) != input.size(0):
-            raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden0 batch size {hx.size(0)}")
-        if hx.size(1) != self.hidden_size:
-            raise RuntimeError(
-                f"hidden0 has inconsistent hidden_size: got {hx.size(1)}, expected {self.hidden_size}")
+        input, hx, is_batched = cell_arguments(input, hx, self.hidden_size)
+        check_cell_sizes(input, hx, self.input_size, self.hidden_size)
         b_ih, b_hh = self.bias_ih, self.bias_hh
         if b_ih is not None and b_hh is not None:
             xw = torch.addmm(b_ih + b_hh, input, self.weight_ih.t())
