@@ -13,7 +13,8 @@
 // call, never per step.
 // Floor: 2*rows*H*H flops per step plus one pass over xw_t and h_t; for tiny H the per-step cost is a few
 // hundred nanoseconds, where nn.RNN spends ~10 us per step in operator dispatch.
-#include "../recurrence_args.h"
+#include "activation.h"
+#include "step_avx512.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -35,11 +36,10 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RNN_FUSED_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define RNN_FUSED_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RNN_FUSED_MULTIVERSION
 #endif
-#define RNN_FUSED_INLINE inline __attribute__((always_inline))
 
 namespace rnn_fused {
 namespace {
@@ -48,46 +48,6 @@ namespace {
 // activation pass cost more than the hand loop saves (crossover measured on a 2-core AMD EPYC, see
 // benchmarks/NOTES.md).
 constexpr int64_t kBlasMinFlops = 96 * 1024;
-
-// ---- activations --------------------------------------------------------------------------------------
-
-// tanh for float as a [13/6] rational minimax approximation on [-7.9, 7.9] (the form Eigen uses), which
-// the compiler vectorises; |error| <= 2 ulp near 0 and < 1e-7 overall (tested through the op
-// against float64). Beyond the clamp tanh is +-1 to float precision. The clamp is written with comparisons
-// that are false for NaN, so NaN passes through (std::min/std::max would turn it into -+clamp, hiding a
-// diverged run from the user, as nn.RNN does not).
-RNN_FUSED_INLINE float tanh_fast(float x) {
-  const float clamp = 7.90531110763549805f;
-  x = x < -clamp ? -clamp : x;
-  x = x > clamp ? clamp : x;
-  const float x2 = x * x;
-  float p = -2.76076847742355e-16f;
-  p = p * x2 + 2.00018790482477e-13f;
-  p = p * x2 + -8.60467152213735e-11f;
-  p = p * x2 + 5.12229709037114e-08f;
-  p = p * x2 + 1.48572235717979e-05f;
-  p = p * x2 + 6.37261928875436e-04f;
-  p = p * x2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * x2 + 1.18534705686654e-04f;
-  q = q * x2 + 2.26843463243900e-03f;
-  q = q * x2 + 4.89352518554385e-03f;
-  return x * p / q;
-}
-RNN_FUSED_INLINE double tanh_fast(double x) { return std::tanh(x); }
-
-template <typename T>
-RNN_FUSED_INLINE T activate(T z, Activation act) {
-  return act == Activation::Tanh ? tanh_fast(z) : std::max(z, T(0));
-}
-
-// g * act'(z) written in terms of h = act(z), so the backward needs only h_all. For relu a select, as torch's
-// relu backward: an inf or NaN g at a unit that is off gives 0 (a product would give inf * 0 = NaN); NaN h
-// passes g.
-template <typename T>
-RNN_FUSED_INLINE T activation_backward(T g, T h, Activation act) {
-  return act == Activation::Tanh ? g * (T(1) - h * h) : (h <= T(0) ? T(0) : g);
-}
 
 // ---- the hand-written step ------------------------------------------------------------------------------
 
@@ -282,6 +242,30 @@ bool all_steps_blas(const RecurrenceProblem& p) {
          (p.N < kTransposeMinRows || use_blas<T>(p.batch_sizes.back(), p.H));
 }
 
+// The forward's AVX-512 step reads W_hh^T, packed once per call: a pass over W_hh (25 us at H = 256, 0.16 ms
+// at H = 512, where W_hh and its packed copy no longer fit in L2). Per step it saves 0.2 us (B = 1, H = 64) to
+// 7 us (B = 1, H = 512) against BLAS or the hand loop; measured, the packing pays from 16 steps up to H = 256
+// and from 32 steps above (T = 16, B = 1, H = 512: 0.43 ms packed against 0.32; T = 32: 0.50 against 0.61).
+// Shorter calls keep the portable loops. The backward's step reads W_hh as it lies and packs nothing.
+bool forward_packing_pays(const RecurrenceProblem& p) { return p.T >= (p.H <= 256 ? 16 : 32); }
+
+// Whether a call's steps take the AVX-512 step (step_avx512.h): float32 on a CPU that has AVX-512 (and for
+// the forward, a call long enough to repay the packing). It beats BLAS per step at every measured shape,
+// B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512 step").
+template <typename T>
+bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
+  return std::is_same_v<T, float> && avx512::available() && (!forward || forward_packing_pays(p));
+}
+
+// W_hh^T per direction in the AVX-512 step's packed layout, [D, packed_floats(H)].
+at::Tensor packed_w_hh_t(const at::Tensor& w_hh) {
+  const int64_t D = w_hh.size(0), H = w_hh.size(1), size = avx512::packed_floats(H);
+  at::Tensor out = at::empty({D, size}, w_hh.options());
+  for (int64_t d = 0; d < D; ++d)
+    avx512::pack_transposed(w_hh.data_ptr<float>() + d * H * H, H, out.data_ptr<float>() + d * size);
+  return out;
+}
+
 // W_hh^T per direction, [D, H, H], by 32 x 32 tiles (ATen's copy of a transposed view is ~10x slower).
 template <typename T>
 at::Tensor transposed(const at::Tensor& w_hh) {
@@ -306,7 +290,10 @@ at::Tensor transposed(const at::Tensor& w_hh) {
 template <typename T>
 struct DirectionView {
   const T* w;   // W_hh[d]   [H, H]
-  const T* w_t; // W_hh[d]^T [H, H]  (forward only; null when every step goes to BLAS)
+  const T* w_t; // W_hh[d]^T [H, H]  (forward only; null when every step goes to BLAS or the AVX-512 step)
+  // What the AVX-512 step multiplies by (W_hh[d]^T packed for the forward, W_hh[d] for the backward);
+  // data is null when the call does not take it (always for double).
+  avx512::StepMatrix step_matrix;
   const T* h0;  // h0[d]     [B, H]
   int64_t row_stride;  // D * H
   int64_t d_offset;    // d * H: column offset of direction d inside a row of [.., D, H]
@@ -322,7 +309,15 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
     const T* xw_t = xw + s.row_begin * rs + v.d_offset;
     T* h_t = h_all + s.row_begin * rs + v.d_offset;
     const T* h_prev = prev ? h_all + prev->row_begin * rs + v.d_offset : nullptr;
-    if (v.w_t == nullptr || use_blas<T>(s.rows, H)) {  // no W_hh^T: all_steps_blas
+    if (v.step_matrix.data) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (s.carried > 0)
+          avx512::rows_times(v.step_matrix, H, h_prev, rs, xw_t, rs, h_t, rs, s.carried, true, p.activation);
+        if (s.rows > s.carried)
+          avx512::rows_times(v.step_matrix, H, v.h0 + s.carried * H, H, xw_t + s.carried * rs, rs,
+                             h_t + s.carried * rs, rs, s.rows - s.carried, true, p.activation);
+      }
+    } else if (v.w_t == nullptr || use_blas<T>(s.rows, H)) {  // no W_hh^T: all_steps_blas
       for (int64_t r = 0; r < s.rows; ++r) std::memcpy(h_t + r * rs, xw_t + r * rs, H * sizeof(T));
       if (s.carried > 0) gemm_rows<T>(h_prev, rs, v.w, /*transpose_m=*/true, h_t, rs, s.carried, H, T(1));
       if (s.rows > s.carried)
@@ -353,22 +348,37 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
     const Step& s = *it;
     const int64_t off = s.row_begin * rs + v.d_offset;
     const T* dh_t = dh_all ? dh_all + off : nullptr;
-    const bool blas = use_blas<T>(s.rows, H);
+    const bool avx512_step = v.step_matrix.data != nullptr;
+    const bool blas = !avx512_step && use_blas<T>(s.rows, H);
     // Rows [0, continuing) receive the carried gradient; rows [continuing, rows) end here and read dh_last.
     backward_rows_any(v.w, H, h_all + off, dh_t, rs, dh_last, s.continuing, carry, dz + off, s.rows,
-                      p.activation, /*carry_out=*/!blas, opts, grad_norm ? grad_norm + s.row_begin * p.D + d : nullptr,
-                      p.D);
+                      p.activation, /*carry_out=*/!blas && !avx512_step, opts,
+                      grad_norm ? grad_norm + s.row_begin * p.D + d : nullptr, p.D);
     if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, T(0));
+    if (avx512_step) {
+      if constexpr (std::is_same_v<T, float>)
+        avx512::rows_times(v.step_matrix, H, dz + off, rs, nullptr, 0, carry, H, s.rows, false, p.activation);
+    }
     for (int64_t r = s.carried; r < s.rows; ++r) std::memcpy(dh0 + r * H, carry + r * H, H * sizeof(T));
   }
   if (p.T == 0 && dh_last) std::memcpy(dh0, dh_last, p.B * H * sizeof(T));
 }
 
+// w_hh_t: undefined when not made for this call. step_matrix: the AVX-512 step's matrix of direction 0 (data
+// null when not taken); a packed one ([D, packed_floats(H)]) is given as `packed`, else W_hh itself is read.
 template <typename T>
 DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const at::Tensor& w_hh,
-                                const at::Tensor* w_hh_t, const at::Tensor& h0) {
+                                const at::Tensor& w_hh_t, bool avx512_step, const at::Tensor& packed,
+                                const at::Tensor& h0) {
+  avx512::StepMatrix step_matrix{nullptr, 0, 0};
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512_step && packed.defined())
+      step_matrix = {packed.data_ptr<float>() + d * packed.size(1), avx512::kPanelWidth, p.H * avx512::kPanelWidth};
+    else if (avx512_step)
+      step_matrix = avx512::row_major(w_hh.data_ptr<float>() + d * p.H * p.H, p.H);
+  }
   return DirectionView<T>{w_hh.data_ptr<T>() + d * p.H * p.H,
-                          w_hh_t ? w_hh_t->data_ptr<T>() + d * p.H * p.H : nullptr,
+                          w_hh_t.defined() ? w_hh_t.data_ptr<T>() + d * p.H * p.H : nullptr, step_matrix,
                           h0.data_ptr<T>() + d * p.B * p.H, p.D * p.H, d * p.H};
 }
 
@@ -394,11 +404,12 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_i
   at::Tensor h_last = h0.clone();  // T == 0 leaves each sequence at h0
   if (p.empty()) return {h_all, h_last};  // no work (B = 2^40 rows of H = 0 included)
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_forward_cpu", [&] {
-    const bool blas_only = all_steps_blas<scalar_t>(p);
-    const at::Tensor w_hh_t = blas_only ? at::Tensor() : transposed<scalar_t>(w_hh);
+    const bool avx512_step = use_avx512_step<scalar_t>(p, /*forward=*/true);
+    const at::Tensor packed = avx512_step ? packed_w_hh_t(w_hh) : at::Tensor();
+    const at::Tensor w_hh_t = avx512_step || all_steps_blas<scalar_t>(p) ? at::Tensor() : transposed<scalar_t>(w_hh);
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
-        forward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, blas_only ? nullptr : &w_hh_t, h0),
+        forward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, w_hh_t, avx512_step, packed, h0),
                                     xw.data_ptr<scalar_t>(), h_all.data_ptr<scalar_t>(),
                                     h_last.data_ptr<scalar_t>() + d * p.B * p.H);
       }
@@ -430,10 +441,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
     return {dz, dh0, grad_norm};
   }
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_backward_cpu", [&] {
+    const bool avx512_step = use_avx512_step<scalar_t>(p, /*forward=*/false);
     at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
       for (int64_t d = begin; d < end; ++d) {
         const int64_t state = d * p.B * p.H;
-        backward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, nullptr, h0),
+        backward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, at::Tensor(), avx512_step, at::Tensor(), h0),
                                      h_all.data_ptr<scalar_t>(),
                                      dh_all.defined() ? dh_all.data_ptr<scalar_t>() : nullptr,
                                      dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr,

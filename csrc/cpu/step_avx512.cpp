@@ -1,0 +1,177 @@
+// The AVX-512 step (float32): out[rows, H] = act(init + in[rows, H] m), m [H, H] row-major or packed.
+//
+// Decomposition: one thread, called per step per direction by recurrence_cpu.cpp (directions are its
+// parallel axis). The columns of m are cut into panels of kPanelWidth = 64 (four zmm registers); for each
+// panel, the rows go in blocks of up to kRowBlock = 6, and a block's 6 x 64 outputs are 24 zmm accumulators
+// that live in registers for the whole k loop: per k, four loads of m and one broadcast per row feed 24
+// FMAs. The activation is applied to the block while it is in L1, right after it is stored.
+// Memory: m is read as it lies (the backward's W_hh: row-major, nothing copied) or from the packed W_hh^T of
+// the forward, [ceil(H / 64), H, 64], made once per call, each panel contiguous (one 256-byte run per k). A
+// panel (H * 256 bytes: 32 KB at H = 128) stays in L1/L2 while every row block of the step reads it.
+// Nothing is allocated per step; out is written once.
+// Floor: 2 * rows * H * H flops per step at 2 FMA ports x 16 lanes; B = 1 reads all of m per step (1 MB at
+// H = 512: an L2 bandwidth problem). Measured against MKL (benchmarks/NOTES.md, "AVX-512 step").
+// Why not BLAS here: MKL's sgemm per step (and its packed-B sgemm_compute) is 1.3-2.3x slower at these
+// shapes (a call is 6-16 us of setup and re-packing for 0.5-8 MFLOP), and it cannot fuse the projection add
+// and the activation.
+#include "step_avx512.h"
+
+#include "activation.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define RNN_FUSED_HAVE_AVX512_STEP 1
+#include <immintrin.h>
+#endif
+
+namespace rnn_fused {
+namespace avx512 {
+namespace {
+
+constexpr int64_t kVectors = kPanelWidth / 16;  // zmm registers per panel row
+constexpr int kRowBlock = 6;                     // 6 x 4 = 24 accumulators of the 32 zmm registers
+
+int64_t panels(int64_t H) { return (H + kPanelWidth - 1) / kPanelWidth; }
+
+bool switched_off() {
+  const char* value = std::getenv("RNN_FUSED_CPU_AVX512");
+  return value != nullptr && std::string(value) == "0";
+}
+
+}  // namespace
+
+int64_t packed_floats(int64_t H) { return panels(H) * H * kPanelWidth; }
+
+StepMatrix pack_transposed(const float* m, int64_t H, float* packed) {
+  for (int64_t p = 0; p < panels(H); ++p) {
+    const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, H - c0);
+    float* panel = packed + p * H * kPanelWidth;
+    // panel[k][c] = m[c0 + c][k] (columns past `width` are never read: the loads are masked), by blocks of
+    // kPanelWidth k's, whose 64 panel rows (16 KB) and 64 row pieces of m stay in L1; one pass over all k
+    // writes H panel rows 256 bytes apart: 6x slower at H = 512.
+    for (int64_t k0 = 0; k0 < H; k0 += kPanelWidth) {
+      const int64_t k1 = std::min(H, k0 + kPanelWidth);
+      for (int64_t c = 0; c < width; ++c)
+        for (int64_t k = k0; k < k1; ++k) panel[k * kPanelWidth + c] = m[(c0 + c) * H + k];
+    }
+  }
+  return {packed, kPanelWidth, H * kPanelWidth};
+}
+
+#ifdef RNN_FUSED_HAVE_AVX512_STEP
+
+namespace {
+
+#define RNN_FUSED_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
+
+// Rows [0, kRows) of one panel: columns [0, width) of out. `panel` is the panel's column 0 at k = 0.
+// kFull: width == kPanelWidth, so the loads of m need no mask (masked loads in the k loop halve the speed).
+template <int kRows, bool kInit, bool kFull>
+RNN_FUSED_AVX512 inline void block(const float* __restrict panel, int64_t ld, int64_t H,
+                                   const float* __restrict in, int64_t in_stride, const float* init,
+                                   int64_t init_stride, float* out, int64_t out_stride, int64_t width,
+                                   bool activation, Activation act) {
+  __mmask16 mask[kVectors];
+  for (int64_t v = 0; v < kVectors; ++v) {
+    const int64_t left = width - 16 * v;
+    mask[v] = left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+  }
+  __m512 acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v)
+      acc[r][v] = kInit ? _mm512_maskz_loadu_ps(mask[v], init + r * init_stride + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < H; ++k) {
+    // Masked in a narrow panel: the last panel of a row-major m is narrower than the panel, and its row ends
+    // there.
+    __m512 w[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v)
+      w[v] = kFull ? _mm512_loadu_ps(panel + k * ld + 16 * v) : _mm512_maskz_loadu_ps(mask[v], panel + k * ld + 16 * v);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512 x = _mm512_set1_ps(in[r * in_stride + k]);
+      for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(x, w[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) _mm512_mask_storeu_ps(out + r * out_stride + 16 * v, mask[v], acc[r][v]);
+  if (activation) {
+    // The same scalar activation as the portable loops (activation.h), vectorised here for AVX-512 on a
+    // block that is still in L1: identical numbers on every path.
+    for (int r = 0; r < kRows; ++r) {
+      float* __restrict o = out + r * out_stride;
+      for (int64_t i = 0; i < width; ++i) o[i] = activate(o[i], act);
+    }
+  }
+}
+
+template <bool kInit, bool kFull>
+RNN_FUSED_AVX512 void panel_rows(const float* panel, int64_t ld, int64_t H, const float* in, int64_t in_stride,
+                                 const float* init, int64_t init_stride, float* out, int64_t out_stride, int64_t rows,
+                                 int64_t width, bool activation, Activation act) {
+  for (int64_t r = 0; r < rows; r += kRowBlock) {
+    const float* in_r = in + r * in_stride;
+    const float* init_r = kInit ? init + r * init_stride : nullptr;
+    float* out_r = out + r * out_stride;
+    switch (std::min<int64_t>(kRowBlock, rows - r)) {
+#define RNN_FUSED_BLOCK(n)                                                                                     \
+  case n:                                                                                                      \
+    block<n, kInit, kFull>(panel, ld, H, in_r, in_stride, init_r, init_stride, out_r, out_stride, width,       \
+                           activation, act);                                                                   \
+    break;
+      RNN_FUSED_BLOCK(1) RNN_FUSED_BLOCK(2) RNN_FUSED_BLOCK(3) RNN_FUSED_BLOCK(4) RNN_FUSED_BLOCK(5)
+      RNN_FUSED_BLOCK(6)
+#undef RNN_FUSED_BLOCK
+    }
+  }
+}
+
+template <bool kInit>
+RNN_FUSED_AVX512 void rows_times_impl(const StepMatrix& m, int64_t H, const float* in, int64_t in_stride,
+                                      const float* init, int64_t init_stride, float* out, int64_t out_stride,
+                                      int64_t rows, bool activation, Activation act) {
+  for (int64_t p = 0; p < panels(H); ++p) {
+    const float* panel = m.data + p * m.panel_stride;
+    const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, H - c0);
+    const float* init_c = kInit ? init + c0 : nullptr;
+    if (width == kPanelWidth)
+      panel_rows<kInit, true>(panel, m.ld, H, in, in_stride, init_c, init_stride, out + c0, out_stride, rows, width,
+                              activation, act);
+    else
+      panel_rows<kInit, false>(panel, m.ld, H, in, in_stride, init_c, init_stride, out + c0, out_stride, rows, width,
+                               activation, act);
+  }
+}
+
+}  // namespace
+
+bool available() {
+  // RNN_FUSED_CPU_AVX512=0 turns it off, so the portable loops can be tested and timed on an AVX-512 CPU.
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                          !switched_off();
+  return yes;
+}
+
+void rows_times(const StepMatrix& m, int64_t H, const float* in, int64_t in_stride, const float* init,
+                int64_t init_stride, float* out, int64_t out_stride, int64_t rows, bool activation, Activation act) {
+  if (init)
+    rows_times_impl<true>(m, H, in, in_stride, init, init_stride, out, out_stride, rows, activation, act);
+  else
+    rows_times_impl<false>(m, H, in, in_stride, init, init_stride, out, out_stride, rows, activation, act);
+}
+
+#else  // not x86-64: the portable loops of recurrence_cpu.cpp do every step
+
+bool available() { return false; }
+
+void rows_times(const StepMatrix&, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                bool, Activation) {
+  TORCH_INTERNAL_ASSERT(false, "rnn_fused: the AVX-512 step is not built for this architecture");
+}
+
+#endif
+
+}  // namespace avx512
+}  // namespace rnn_fused

@@ -1,0 +1,100 @@
+"""The CPU kernels' step loops (csrc/cpu): the AVX-512 step (step_avx512.cpp) at the edges of its panels and
+row blocks, forward and backward, packed and bidirectional, against the float64 reference; the portable loops
+(BLAS and the hand loop), which an AVX-512 CPU no longer takes for float32, through the op tests with the
+AVX-512 step switched off; and that the AVX-512 step is really the one taken where the CPU has it."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rnn_fused import reference as R
+
+from .conftest import EXTENSION_ERROR, assert_matches
+
+assert EXTENSION_ERROR is None, EXTENSION_ERROR
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in flags for f in ("avx512f", "avx512dq", "avx512vl", "avx512bw"))
+
+
+def _problem(T, B, H, D, packed, seed=0):
+    """float64 inputs of one layer: xw [T, B, D, H] (or packed [N, D, H] with lengths T..1), w_hh, h0."""
+    g = torch.Generator().manual_seed(seed)
+    if packed:
+        lengths = sorted((max(1, T - (i * T) // B) for i in range(B)), reverse=True)
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)])
+        rows = (int(batch_sizes.sum()),)
+    else:
+        batch_sizes, rows = None, (T, B)
+    xw = torch.randn(*rows, D, H, dtype=torch.float64, generator=g)
+    w_hh = torch.randn(D, H, H, dtype=torch.float64, generator=g) / H ** 0.5
+    h0 = torch.randn(D, B, H, dtype=torch.float64, generator=g)
+    return xw, w_hh, h0, batch_sizes
+
+
+def _forward_backward(impl, xw, w_hh, h0, batch_sizes, activation, dh_all, dh_last):
+    ops = torch.ops.rnn_fused if impl == "cpu" else R
+    h_all, h_last = ops.recurrence_forward(xw, w_hh, h0, batch_sizes, activation)
+    dz, dh0, _ = ops.recurrence_backward(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation)
+    return h_all, h_last, dz, dh0
+
+
+# H around the 64-column panels (1, 63 | 64 | 65, 129, 200), B around the 6-row blocks (1 | 6 | 7, 13);
+# T = 40 is long enough for the forward to pack W_hh at every H here.
+@pytest.mark.parametrize("H", [1, 63, 64, 65, 129, 200])
+@pytest.mark.parametrize("B", [1, 6, 7, 13])
+@pytest.mark.parametrize("D,packed", [(1, False), (2, True)], ids=["padded", "packed-bidirectional"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_step_edges_match_the_reference(H, B, D, packed, activation):
+    xw, w_hh, h0, bs = _problem(40, B, H, D, packed)
+    ref = _forward_backward("reference", xw, w_hh, h0, bs, activation, None, None)
+    dh_all, dh_last = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    ref = _forward_backward("reference", xw, w_hh, h0, bs, activation, dh_all, dh_last)
+    f32 = [t.float() for t in (xw, w_hh, h0)] + [bs]
+    ours = _forward_backward("cpu", *f32, activation, dh_all.float(), dh_last.float())
+    torch_own = _forward_backward("reference", *f32, activation, dh_all.float(), dh_last.float())
+    for name, a, r, y in zip(["h_all", "h_last", "dz", "dh0"], ours, ref, torch_own):
+        assert_matches(a, r, y, name=f"H={H} B={B} {name}")
+
+
+def _run_with_avx512(switch: str, code: str) -> str:
+    env = dict(os.environ, RNN_FUSED_CPU_AVX512=switch)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_portable_loops_pass_the_op_tests_with_the_avx512_step_off():
+    env = dict(os.environ, RNN_FUSED_CPU_AVX512="0")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py",
+                           "-k", "cpu and dtype0 and (layer_matches or packed_and_bidirectional)"],  # dtype0: float32
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU has no AVX-512")
+def test_the_avx512_step_is_the_one_taken_where_the_cpu_has_it():
+    """Bits of h_all and dz with the step on and off: the AVX-512 step sums in another order than BLAS, so
+    identical bits would mean the switch (or the dispatch) does nothing."""
+    code = ("import torch, rnn_fused._extension as E; E.load(); g = torch.Generator().manual_seed(0)\n"
+            "xw = torch.randn(40, 16, 1, 128, generator=g); w = torch.randn(1, 128, 128, generator=g) / 12\n"
+            "h0 = torch.randn(1, 16, 128, generator=g)\n"
+            "h, hl = torch.ops.rnn_fused.recurrence_forward(xw, w, h0, None, 'tanh')\n"
+            "dz, _, _ = torch.ops.rnn_fused.recurrence_backward(w, h, h0, torch.ones_like(h), None, None, 'tanh')\n"
+            "print(h.double().sum().item().hex(), dz.double().sum().item().hex())\n")
+    on, off = _run_with_avx512("1", code).split(), _run_with_avx512("0", code).split()
+    assert on[0] != off[0], "forward: the same bits with the AVX-512 step on and off"
+    assert on[1] != off[1], "backward: the same bits with the AVX-512 step on and off"
