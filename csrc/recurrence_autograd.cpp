@@ -147,6 +147,12 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_autograd(const at::Tensor&
   // A None tensor argument: autograd cannot record it; the kernel's contract check raises, naming it.
   if (!xw.defined() || !w_hh.defined() || !h0.defined())
     return forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
+  // Nothing to record (no_grad, inference, or no input requiring grad): the kernel alone, without the
+  // Function's node and saved state (~3 us of a ~10 us call at T = 1).
+  const bool probe_requires_grad = norm_probe.has_value() && norm_probe->requires_grad();
+  if (!at::GradMode::is_enabled() ||
+      !(xw.requires_grad() || w_hh.requires_grad() || h0.requires_grad() || probe_requires_grad))
+    return forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   variable_list out = RecurrenceFunction::apply(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   return {out[0], out[1]};
 }

@@ -36,6 +36,10 @@ std::tuple<at::Tensor, at::Tensor> rnn(const at::Tensor& input, const c10::optio
   const int64_t D = bidirectional ? 2 : 1, per_direction = has_biases ? 4 : 2;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == num_layers * D * per_direction, "rnn_fused::rnn: expected ",
               num_layers * D * per_direction, " parameters, got ", params.size());
+  // Under no_grad / inference nothing is recorded: the ops below skip their autograd kernels (~0.5-1 us each
+  // at T = 1). With grad mode on they run as written, each op recording its own backward.
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+  if (!at::GradMode::is_enabled()) below_autograd.emplace();
   const bool packed = batch_sizes.has_value();
   at::Tensor x = packed || !batch_first ? input : input.transpose(0, 1);
   x = x.contiguous();

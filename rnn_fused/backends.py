@@ -109,6 +109,28 @@ def runs_stack_op(backend: str, dtype: torch.dtype) -> bool:
     return backend == "cuda" or (backend == "cpu" and dtype in (torch.float32, torch.float64))
 
 
+# stack_op_for's answers, keyed by what is cheap to read off a tensor: resolve's key needs t.device, a new
+# torch.device per call, and os.environ (~5 us together inside a module call, where the kernels have just run
+# and Python's caches are cold). The answer depends on the device's type, not its index.
+_STACK_OP: dict[tuple, bool] = {}
+
+
+def stack_op_for(backend: str, t: Tensor) -> bool:
+    """runs_stack_op(resolve(backend, t.device, t.dtype), t.dtype), cached; False (not cached) where resolve
+    raises: the caller then takes its general path, which raises the same error."""
+    key = (backend, t.is_cpu, t.is_cuda, t.dtype)
+    answer = _STACK_OP.get(key)
+    if answer is None:
+        if not (t.is_cpu or t.is_cuda):
+            return False
+        try:
+            answer = runs_stack_op(resolve(backend, t.device, t.dtype), t.dtype)
+        except BackendUnavailableError:
+            return False
+        _STACK_OP[key] = answer
+    return answer
+
+
 def call_runs_stack_op(backend: str, t: Tensor) -> bool:
     """Whether this module call (input ``t``, requested ``backend``) is one ``rnn_fused::rnn`` call: outside
     torch.func transforms (they need the rule of rnn_fused/func_transforms.py, which the stack op's

@@ -380,3 +380,54 @@ def test_cell_with_input_size_zero_works_like_nn_rnn_cell():
     expected.sum().backward()
     for name, p in ours.named_parameters():
         assert_matches(p.grad, dict(ref.named_parameters())[name].grad, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_fast_path_gives_the_general_paths_numbers(bidirectional, batch_first):
+    """The one-call fast path (FusedRNN._fast_forward) and the general path, on the same call: the same output,
+    h_n and gradients (both end in the stack op on the CPU, so bit for bit)."""
+    torch.manual_seed(0)
+    m = FusedRNN(5, 7, num_layers=2, bidirectional=bidirectional, batch_first=batch_first, backend="cpu")
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    h0 = torch.randn(4 if bidirectional else 2, 3 if batch_first else 4, 7)
+
+    def run(path):
+        x.grad = None
+        m.zero_grad()
+        out, h_n = path(x, h0)
+        (out.square().sum() + h_n.sum()).backward()
+        return [out, h_n, x.grad] + [p.grad for p in m.parameters()]
+
+    fast = run(m._fast_forward)
+    for a, b in zip(fast, run(m._general_forward)):
+        assert torch.equal(a, b)
+    cell = FusedRNNCell(5, 7, backend="cpu")
+    x2, h2 = torch.randn(3, 5), torch.randn(3, 7)
+    assert torch.equal(cell._fast_forward(x2, h2), cell._general_forward(x2, h2))
+
+
+def test_fast_path_declines_what_the_general_path_handles():
+    """Every call the fast path is not sure of returns None (the general path then runs it or raises nn.RNN's
+    message): never an error of its own, never a silently different call."""
+    m = FusedRNN(5, 7, backend="cpu")
+    x, h0 = torch.randn(4, 3, 5), torch.randn(1, 3, 7)
+    assert m._fast_forward(x, h0) is not None
+    packed = pack_padded_sequence(x, [4, 2, 1])
+    declined = {
+        "packed": (packed, None), "unbatched": (x[:, 0], None), "input_size": (torch.randn(4, 3, 6), None),
+        "hx shape": (x, torch.randn(1, 2, 7)), "hx rank": (x, torch.randn(3, 7)), "dtype": (x.double(), None),
+        "hx dtype": (x, h0.double()), "no steps": (x[:0], None), "meta": (x.to("meta"), None),
+    }
+    for name, (inp, hx) in declined.items():
+        assert m._fast_forward(inp, hx) is None, name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m._fast_forward(x, h0) is None, "autocast"
+    assert FusedRNN(5, 7, backend="reference")._fast_forward(x, h0) is None, "reference backend"
+    assert FusedRNN(5, 7, backend="cpu", bptt_clip=1.0)._fast_forward(x, h0) is None, "bptt options"
+    m.double()
+    assert m._fast_forward(x, h0) is None, "parameters of another dtype"
+    cell = FusedRNNCell(5, 7, backend="cpu")
+    for name, (inp, hx) in {"unbatched": (torch.randn(5), None), "hx": (torch.randn(3, 5), torch.randn(2, 7)),
+                            "input_size": (torch.randn(3, 4), None)}.items():
+        assert cell._fast_forward(inp, hx) is None, f"cell {name}"
