@@ -228,33 +228,29 @@ bool use_blas(int64_t rows, int64_t H) {
   return blas_available(static_cast<T*>(nullptr)) && rows * H * H >= kBlasMinFlops;
 }
 
-// The hand loop reads W_hh^T, a copy made once per call when some step takes the hand loop. With fewer
-// rows than this in the whole problem (a single step of a few sequences: streaming, per-step calls) the
-// copy costs more than the steps it serves (135 us of a 112 us call at T=1 B=1 H=256 with ATen's
-// transposing copy), so every step goes to BLAS, which reads W_hh as it is, and no copy is made.
-constexpr int64_t kTransposeMinRows = 4;
+// A copy of W_hh made once per call (the AVX-512 step's packed W_hh^T, the hand loop's W_hh^T) is a pass
+// over W_hh: 25 us at H = 256, 0.16 ms at H = 512, where W_hh and its copy no longer fit in L2. It pays from
+// 16 steps up to H = 256 and from 32 steps above (measured, op alone, B = 1: T = 16, H = 512: 0.43 ms with
+// the packed copy against 0.32 with BLAS; T = 32: 0.50 against 0.61; T = 4, H = 256: the transposed copy and
+// the hand loop 0.084 ms against BLAS's 0.030). Shorter calls send every step to BLAS, which reads W_hh as
+// it lies (T = 1, B = 1, H = 256: the copy was 135 us of a 112 us call with ATen's transposing copy).
+// The backward's AVX-512 step reads W_hh as it lies and copies nothing.
+bool copy_of_w_pays(const RecurrenceProblem& p) { return p.T >= (p.H <= 256 ? 16 : 32); }
 
-// Whether no step reads W_hh^T: every step is large enough for BLAS anyway (the smallest step has
-// batch_sizes.back() rows: they never increase), or the problem is too small for the copy to pay.
+// Whether no step reads a copy of W_hh: the call is too short for the copy to pay, or every step is large
+// enough for BLAS anyway (the smallest step has batch_sizes.back() rows: they never increase).
 template <typename T>
 bool all_steps_blas(const RecurrenceProblem& p) {
   return blas_available(static_cast<T*>(nullptr)) &&
-         (p.N < kTransposeMinRows || use_blas<T>(p.batch_sizes.back(), p.H));
+         (!copy_of_w_pays(p) || use_blas<T>(p.batch_sizes.back(), p.H));
 }
 
-// The forward's AVX-512 step reads W_hh^T, packed once per call: a pass over W_hh (25 us at H = 256, 0.16 ms
-// at H = 512, where W_hh and its packed copy no longer fit in L2). Per step it saves 0.2 us (B = 1, H = 64) to
-// 7 us (B = 1, H = 512) against BLAS or the hand loop; measured, the packing pays from 16 steps up to H = 256
-// and from 32 steps above (T = 16, B = 1, H = 512: 0.43 ms packed against 0.32; T = 32: 0.50 against 0.61).
-// Shorter calls keep the portable loops. The backward's step reads W_hh as it lies and packs nothing.
-bool forward_packing_pays(const RecurrenceProblem& p) { return p.T >= (p.H <= 256 ? 16 : 32); }
-
 // Whether a call's steps take the AVX-512 step (step_avx512.h): float32 on a CPU that has AVX-512 (and for
-// the forward, a call long enough to repay the packing). It beats BLAS per step at every measured shape,
-// B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512 step").
+// the forward, a call long enough to repay packing W_hh^T: copy_of_w_pays). It beats BLAS per step at every
+// measured shape, B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512 step").
 template <typename T>
 bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
-  return std::is_same_v<T, float> && avx512::available() && (!forward || forward_packing_pays(p));
+  return std::is_same_v<T, float> && avx512::available() && (!forward || copy_of_w_pays(p));
 }
 
 // W_hh^T per direction in the AVX-512 step's packed layout, [D, packed_floats(H)].
