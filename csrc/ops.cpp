@@ -33,7 +33,6 @@
 //   The clipped g_t is what flows on (into dz_t, W_hh^T dz_t, dW_hh), so a clip bounds every step's
 //   gradient, not only the total afterwards.
 //   Weight gradients are big GEMMs over dz done by the autograd rule (csrc/recurrence_autograd.cpp).
-#include <Python.h>
 #include <torch/library.h>
 
 namespace rnn_fused {
@@ -61,8 +60,4 @@ TORCH_LIBRARY(rnn_fused, m) {
 
 }  // namespace rnn_fused
 
-// The extension is imported as the Python module rnn_fused._C only to load the op registrations above.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
+// The Python module rnn_fused._C itself is csrc/eager_call.cpp's.

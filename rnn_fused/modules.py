@@ -79,26 +79,18 @@ def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
         raise RuntimeError(f"hx dtype ({hx.dtype}) must match the input dtype ({input.dtype})")
 
 
-def _plain_eager_call() -> bool:
-    """Whether this call runs plainly eager: no tracing or compiling (torch.compile, torch.export, either ONNX
-    exporter, torch.jit.trace), no autocast, no torch.func transform. Such a call may take the modules' fast
-    path; anything else takes the general one, which handles each of them."""
-    return not (torch.compiler.is_compiling() or torch._C._is_tracing() or torch._C._is_any_autocast_enabled()
-                or torch._C._functorch.peek_interpreter_stack() is not None)
+def _fast_calls():
+    """rnn_fused._C, whose sequence_call / cell_call are the modules' fast path (csrc/eager_call.cpp); loaded
+    by then: the fast path is taken only on a backend whose kernels are the extension's."""
+    global _FAST_CALLS
+    if _FAST_CALLS is None:
+        import importlib
+
+        _FAST_CALLS = importlib.import_module("rnn_fused._C")
+    return _FAST_CALLS
 
 
-def _same_kind(params: list, input: Tensor) -> bool:
-    """Every parameter of the input's dtype and device (the fast path's condition; the general path raises
-    what is wrong)."""
-    # is_cpu and get_device() (the index, -1 off CUDA) instead of .device, which builds an object per call.
-    dtype, on_cpu, index = input.dtype, input.is_cpu, input.get_device()
-    for p in params:
-        if p is None or p.dtype != dtype or p.is_cpu != on_cpu or p.get_device() != index:
-            return False
-    return True
-
-
-_ACTIVATIONS = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}
+_FAST_CALLS = None
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
@@ -218,30 +210,15 @@ class FusedRNN(nn.RNNBase):
         return self._general_forward(input, hx)
 
     def _fast_forward(self, input, hx: Tensor | None):
-        """The common call, batched tensors of the parameters' dtype and device in plain eager mode on a backend
-        whose whole stack is the stack op (csrc/rnn_stack.cpp), as one C++ call after a few cheap checks
-        (issue 17: nn.RNN's checks and ours cost ~40 us per call, more than the kernels at T = 1). Returns
-        None when any condition is not met or any argument is not exactly as nn.RNN wants it: the general
-        path then runs the call, and raises nn.RNN's messages for what is wrong. It never raises itself."""
-        if type(input) is not Tensor or input.dim() != 3 or self.record_grad_norms or self.bptt_clip is not None:
+        """The common call (batched tensors of the parameters' dtype and device, plain eager mode, no BPTT
+        options) on a backend whose whole stack is the stack op (csrc/rnn_stack.cpp): checked and run in one
+        C++ call (csrc/eager_call.cpp lists the conditions; issue 17: the same checks in Python cost ~13 us
+        per call, as much as the kernels at T = 1). Returns None otherwise, and the general path runs the
+        call (and raises nn.RNN's messages for what is wrong). Never raises itself."""
+        if type(input) is not Tensor or torch.compiler.is_compiling() or not backends.stack_op_for(self.backend,
+                                                                                                    input):
             return None
-        activation = _ACTIVATIONS.get(self.mode)
-        if activation is None or input.size(-1) != self.input_size or not _plain_eager_call():
-            return None
-        params = _parameters(self, self._flat_weights_names)
-        if not _same_kind(params, input) or not backends.stack_op_for(self.backend, input):
-            return None
-        B, T = (input.size(0), input.size(1)) if self.batch_first else (input.size(1), input.size(0))
-        layers = self.num_layers * (2 if self.bidirectional else 1)
-        if T == 0:
-            return None
-        if hx is None:
-            hx = torch.zeros(layers, B, self.hidden_size, dtype=input.dtype, device=input.device)
-        elif (type(hx) is not Tensor or hx.dim() != 3 or hx.size(0) != layers or hx.size(1) != B
-              or hx.size(2) != self.hidden_size or not _same_kind((hx,), input)):
-            return None
-        return torch.ops.rnn_fused.rnn(input, None, hx, params, self.bias, self.num_layers, self.bidirectional,
-                                       self.dropout, self.training, self.batch_first, activation)
+        return _fast_calls().sequence_call(self, input, hx)
 
     def _general_forward(self, input, hx: Tensor | None):
         # Parameters are read by name (getattr, so parametrizations and reassigned attributes are seen), never
@@ -376,23 +353,12 @@ class FusedRNNCell(nn.RNNCell):
         return self._general_forward(input, hx)
 
     def _fast_forward(self, input, hx: Tensor | None):
-        """FusedRNN._fast_forward's counterpart: a batched [B, I] input (hx [B, H] or None) exactly as nn.RNNCell
-        wants it, in plain eager mode, as one stack-op call; None otherwise (the general path runs it)."""
-        if (type(input) is not Tensor or input.dim() != 2 or input.size(1) != self.input_size
-                or (self.nonlinearity != "tanh" and self.nonlinearity != "relu") or not _plain_eager_call()):
+        """FusedRNN._fast_forward's counterpart for nn.RNNCell's contract: a batched [B, I] input (hx [B, H]
+        or None) in one C++ call (csrc/eager_call.cpp), else None (the general path runs the call)."""
+        if type(input) is not Tensor or torch.compiler.is_compiling() or not backends.stack_op_for(self.backend,
+                                                                                                    input):
             return None
-        weights = _parameters(self, _CELL_PARAMETERS if self.bias else _CELL_PARAMETERS[:2])
-        if not _same_kind(weights, input) or not backends.stack_op_for(self.backend, input):
-            return None
-        B = input.size(0)
-        if hx is None:
-            hx = torch.zeros(B, self.hidden_size, dtype=input.dtype, device=input.device)
-        elif (type(hx) is not Tensor or hx.dim() != 2 or hx.size(0) != B or hx.size(1) != self.hidden_size
-              or not _same_kind((hx,), input)):
-            return None
-        _, h_n = torch.ops.rnn_fused.rnn(input.unsqueeze(0), None, hx.unsqueeze(0), weights, self.bias, 1, False,
-                                         0.0, False, False, self.nonlinearity)
-        return h_n[0]
+        return _fast_calls().cell_call(self, input, hx)
 
     def _general_forward(self, input: Tensor, hx: Tensor | None) -> Tensor:
         input, hx, is_batched = scripting.cell_arguments(input, hx, self.hidden_size)
