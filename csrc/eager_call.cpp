@@ -9,7 +9,10 @@
 // None sends the call to the module's general forward (rnn_fused/modules.py), which runs every other case
 // and raises nn.RNN's messages for bad arguments: this file never raises for an argument. torch.compile /
 // torch.export and the backend choice are checked on the Python side before (dynamo cannot trace into here).
-// The maths is the stack op's (csrc/rnn_stack.cpp), called through the dispatcher like any op.
+// The maths is the stack op's (csrc/rnn_stack.cpp), called directly, each layer recorded as one autograd
+// node (its LayerFunction) when something requires grad.
+#include "rnn_stack.h"
+
 #include <torch/extension.h>
 
 #include <ATen/autocast_mode.h>
@@ -29,15 +32,10 @@ std::tuple<at::Tensor, at::Tensor> stack_op(const at::Tensor& input, const at::T
                                             const std::vector<at::Tensor>& params, bool has_biases,
                                             int64_t num_layers, bool bidirectional, double dropout, bool train,
                                             bool batch_first, c10::string_view activation) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rnn_fused::rnn", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, at::TensorList,
-                           bool, int64_t, bool, double, bool, bool, c10::string_view)>();
   // Other Python threads run while the kernels do, as with any torch op called from Python.
   py::gil_scoped_release no_gil;
-  return op.call(input, c10::nullopt, hx, params, has_biases, num_layers, bidirectional, dropout, train,
-                 batch_first, activation);
+  return rnn_stack(input, c10::nullopt, hx, params, has_biases, num_layers, bidirectional, dropout, train,
+                   batch_first, activation, /*fused_layer_nodes=*/true);
 }
 
 // A plain torch.Tensor (not a subclass, not None) as the fast path takes it, or null.

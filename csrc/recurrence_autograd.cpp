@@ -12,18 +12,14 @@
 //             or two large GEMMs per direction (never T small ones). When the backward itself is recorded
 //             (create_graph=True: grad mode is on inside the backward and something requires grad), BPTT
 //             runs as the reference's differentiable torch ops instead, as the kernels have no derivative.
+#include "recurrence_autograd.h"
+
 #include <ATen/ATen.h>
-#include <torch/autograd.h>
 #include <torch/library.h>
 
 namespace rnn_fused {
 
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
+std::tuple<at::Tensor, at::Tensor> recurrence_forward_kernel(const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,
                                                   const c10::optional<at::Tensor>& batch_sizes,
                                                   c10::string_view activation, c10::string_view clip_mode,
                                                   double clip, const c10::optional<at::Tensor>& norm_probe) {
@@ -35,6 +31,8 @@ std::tuple<at::Tensor, at::Tensor> forward_kernel(const at::Tensor& xw, const at
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   return op.call(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
 }
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_kernel(
     const at::Tensor& w_hh, const at::Tensor& h_all, const at::Tensor& h0, const c10::optional<at::Tensor>& dh_all,
@@ -65,6 +63,8 @@ c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
   return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+}  // namespace
+
 // The saved tensors, saying what to do when one was modified in place. The rule saves h_all, the output
 // the caller gets, not a copy (a copy costs 4-6% of the CPU forward: benchmarks/NOTES.md, "In-place ops on
 // the output"), so an in-place op on the output before backward raises, as for any torch op that saves its
@@ -81,13 +81,48 @@ variable_list saved_variables(AutogradContext* ctx) {
   }
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_gradients(
+    const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_all, const c10::optional<at::Tensor>& batch_sizes,
+    const std::string& activation, const BackwardOptionsArgs& options, const at::Tensor& grad_h_all,
+    const at::Tensor& grad_h_last, bool need_w_hh) {
+  const auto dh_all = defined_or_none(grad_h_all), dh_last = defined_or_none(grad_h_last);
+  at::Tensor dz, dh0, grad_norm;
+  bool recorded = false;
+  if (at::GradMode::is_enabled()) {
+    for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grad_h_all, &grad_h_last, &w_hh, &h0, &h_all})
+      recorded |= t->defined() && t->requires_grad();
+  }
+  if (recorded) {
+    // The clipped BPTT has no derivative of its own (plain BPTT has: the reference's torch ops).
+    TORCH_CHECK(options.clip_mode == "none" && !options.record_norms,
+                "rnn_fused: in-BPTT clipping and gradient-norm recording do not support create_graph=True "
+                "(double backward); build the model without bptt_clip and record_grad_norms for gradient "
+                "penalties");
+    std::tie(dz, dh0) = backward_reference(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation);
+  } else {
+    std::tie(dz, dh0, grad_norm) = backward_kernel(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
+                                                   options.clip_mode, options.clip, options.record_norms);
+  }
+  at::Tensor dw_hh;
+  if (need_w_hh) {
+    static auto weight_grad = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("rnn_fused::recurrence_weight_grad", "")
+                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const c10::optional<at::Tensor>&)>();
+    dw_hh = weight_grad.call(dz, h_all, h0, batch_sizes);
+  }
+  return {dz, dw_hh, dh0, grad_norm};
+}
+
+namespace {
+
 class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xw, const at::Tensor& w_hh,
                                const at::Tensor& h0, const c10::optional<at::Tensor>& batch_sizes,
                                c10::string_view activation, c10::string_view clip_mode, double clip,
                                const c10::optional<at::Tensor>& norm_probe) {
-    auto [h_all, h_last] = forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
+    auto [h_all, h_last] = recurrence_forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
     ctx->save_for_backward({w_hh, h0, h_all});
     ctx->saved_data["batch_sizes"] = batch_sizes.has_value() ? batch_sizes->clone() : at::Tensor();
     ctx->saved_data["activation"] = std::string(activation);
@@ -107,32 +142,9 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
     const std::string clip_mode = ctx->saved_data["clip_mode"].toStringRef();
     const double clip = ctx->saved_data["clip"].toDouble();
     const bool record_norms = ctx->saved_data["record_norms"].toBool();
-    const auto dh_all = defined_or_none(grads[0]), dh_last = defined_or_none(grads[1]);
-    at::Tensor dz, dh0, grad_norm;
-    bool recorded = false;
-    if (at::GradMode::is_enabled()) {
-      for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&grads[0], &grads[1], &w_hh, &h0, &h_all})
-        recorded |= t->defined() && t->requires_grad();
-    }
-    if (recorded) {
-      // The clipped BPTT has no derivative of its own (plain BPTT has: the reference's torch ops).
-      TORCH_CHECK(clip_mode == "none" && !record_norms,
-                  "rnn_fused: in-BPTT clipping and gradient-norm recording do not support create_graph=True "
-                  "(double backward); build the model without bptt_clip and record_grad_norms for gradient "
-                  "penalties");
-      std::tie(dz, dh0) = backward_reference(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation);
-    } else {
-      std::tie(dz, dh0, grad_norm) = backward_kernel(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
-                                                     clip_mode, clip, record_norms);
-    }
-    at::Tensor dw_hh;
-    if (ctx->needs_input_grad(1)) {
-      static auto weight_grad = c10::Dispatcher::singleton()
-                                    .findSchemaOrThrow("rnn_fused::recurrence_weight_grad", "")
-                                    .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      const c10::optional<at::Tensor>&)>();
-      dw_hh = weight_grad.call(dz, h_all, h0, batch_sizes);
-    }
+    auto [dz, dw_hh, dh0, grad_norm] = recurrence_gradients(
+        w_hh, h0, h_all, batch_sizes, activation, BackwardOptionsArgs{clip_mode, clip, record_norms}, grads[0],
+        grads[1], ctx->needs_input_grad(1));
     // norm_probe's gradient is the recorded norms (csrc/ops.cpp).
     return {dz, dw_hh, dh0, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
             record_norms ? grad_norm : at::Tensor()};
@@ -146,13 +158,13 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_autograd(const at::Tensor&
                                                                double clip, const c10::optional<at::Tensor>& norm_probe) {
   // A None tensor argument: autograd cannot record it; the kernel's contract check raises, naming it.
   if (!xw.defined() || !w_hh.defined() || !h0.defined())
-    return forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
+    return recurrence_forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   // Nothing to record (no_grad, inference, or no input requiring grad): the kernel alone, without the
   // Function's node and saved state (~3 us of a ~10 us call at T = 1).
   const bool probe_requires_grad = norm_probe.has_value() && norm_probe->requires_grad();
   if (!at::GradMode::is_enabled() ||
       !(xw.requires_grad() || w_hh.requires_grad() || h0.requires_grad() || probe_requires_grad))
-    return forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
+    return recurrence_forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   variable_list out = RecurrenceFunction::apply(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   return {out[0], out[1]};
 }

@@ -388,9 +388,10 @@ def test_fast_path_gives_the_general_paths_numbers(bidirectional, batch_first):
     """The one-call fast path (FusedRNN._fast_forward) and the general path, on the same call: the same output,
     h_n and gradients (both end in the stack op on the CPU, so bit for bit)."""
     torch.manual_seed(0)
-    m = FusedRNN(5, 7, num_layers=2, bidirectional=bidirectional, batch_first=batch_first, backend="cpu")
-    x = torch.randn(3, 4, 5, requires_grad=True)
-    h0 = torch.randn(4 if bidirectional else 2, 3 if batch_first else 4, 7)
+    m = FusedRNN(5, 7, num_layers=2, bidirectional=bidirectional, batch_first=batch_first, backend="cpu",
+                 dtype=torch.float64)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4 if bidirectional else 2, 3 if batch_first else 4, 7, dtype=torch.float64)
 
     def run(path):
         x.grad = None
@@ -402,6 +403,14 @@ def test_fast_path_gives_the_general_paths_numbers(bidirectional, batch_first):
     fast = run(m._fast_forward)
     for a, b in zip(fast, run(m._general_forward)):
         assert torch.equal(a, b)
+
+    def penalty(path):  # double backward (a gradient penalty) through the fast path's one node per layer
+        out, h_n = path(x, h0)
+        (dx,) = torch.autograd.grad(out.square().sum() + h_n.sum(), x, create_graph=True)
+        return torch.autograd.grad(dx.square().sum(), list(m.parameters()))
+
+    for a, b in zip(penalty(m._fast_forward), penalty(m._general_forward)):
+        torch.testing.assert_close(a, b)
     cell = FusedRNNCell(5, 7, backend="cpu")
     x2, h2 = torch.randn(3, 5), torch.randn(3, 7)
     assert torch.equal(cell._fast_forward(x2, h2), cell._general_forward(x2, h2))
