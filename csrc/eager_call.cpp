@@ -9,8 +9,9 @@
 // None sends the call to the module's general forward (rnn_fused/modules.py), which runs every other case
 // and raises nn.RNN's messages for bad arguments: this file never raises for an argument. torch.compile /
 // torch.export and the backend choice are checked on the Python side before (dynamo cannot trace into here).
-// The maths is the stack op's (csrc/rnn_stack.cpp), called directly, each layer recorded as one autograd
-// node (its LayerFunction) when something requires grad.
+// The maths is the stack op's (csrc/rnn_stack.cpp) for FusedRNN, called directly, each layer recorded as one
+// autograd node (its LayerFunction) when something requires grad; the cell's step is csrc/rnn_cell.cpp.
+#include "rnn_cell.h"
 #include "rnn_stack.h"
 
 #include <torch/extension.h>
@@ -131,9 +132,12 @@ py::object cell_call(py::handle module, py::handle input_obj, py::handle hx_obj)
       return py::none();
     hx = *given;
   }
-  auto [output, h_n] = stack_op(input->unsqueeze(0), hx.unsqueeze(0), params, bias, 1, false, 0.0, false, false,
-                                nonlinearity);
-  return py::cast(h_n.select(0, 0));
+  at::Tensor h_next;
+  {
+    py::gil_scoped_release no_gil;  // as in stack_op
+    h_next = cell_step(*input, hx, params, nonlinearity == "relu");
+  }
+  return py::cast(h_next);
 }
 
 }  // namespace

@@ -411,9 +411,28 @@ def test_fast_path_gives_the_general_paths_numbers(bidirectional, batch_first):
 
     for a, b in zip(penalty(m._fast_forward), penalty(m._general_forward)):
         torch.testing.assert_close(a, b)
-    cell = FusedRNNCell(5, 7, backend="cpu")
-    x2, h2 = torch.randn(3, 5), torch.randn(3, 7)
-    assert torch.equal(cell._fast_forward(x2, h2), cell._general_forward(x2, h2))
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_fast_path_matches_the_general_path(nonlinearity, bias):
+    """FusedRNNCell's fast path (csrc/rnn_cell.cpp: two GEMMs and the activation, one autograd node) against
+    its general path (the stack op, T = 1), float64: h', every gradient, and a double backward."""
+    torch.manual_seed(0)
+    cell = FusedRNNCell(5, 7, bias=bias, nonlinearity=nonlinearity, backend="cpu", dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+
+    def run(path):
+        out = path(x, h)
+        leaves = [x, h, *cell.parameters()]
+        grads = torch.autograd.grad(out.square().sum(), leaves, create_graph=True)
+        penalty = torch.autograd.grad(sum(g.square().sum() for g in grads[:2]), list(cell.parameters()),
+                                      allow_unused=True)
+        return [out, *grads, *(torch.zeros(()) if p is None else p for p in penalty)]
+
+    for a, b in zip(run(cell._fast_forward), run(cell._general_forward)):
+        torch.testing.assert_close(a, b)
 
 
 def test_fast_path_declines_what_the_general_path_handles():
