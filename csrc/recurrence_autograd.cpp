@@ -204,6 +204,7 @@ at::Tensor recurrence_weight_grad(const at::Tensor& dz, const at::Tensor& h_all,
   const c10::SymInt H = h0.sym_size(2);
   std::vector<at::Tensor> grads;
   for (int64_t d = 0; d < D; ++d) {
+    // As few ops as the maths allows: at T = 32, B = 1, H = 64 each costs ~3-5 us, the GEMMs ~5.
     const at::Tensor dz_d = dz.select(-2, d), h_d = h_all.select(-2, d);
     if (!batch_sizes.has_value()) {  // padded [T, B, H]: h_prev is h_all shifted by one step, h0 at the start
       const c10::SymInt T = dz_d.sym_size(0);
@@ -216,7 +217,7 @@ at::Tensor recurrence_weight_grad(const at::Tensor& dz, const at::Tensor& h_all,
       if (T > 1) {
         const at::Tensor inner = d == 0 ? dz_d.slice_symint(0, 1) : dz_d.slice_symint(0, 0, T - 1);
         const at::Tensor prev = d == 0 ? h_d.slice_symint(0, 0, T - 1) : h_d.slice_symint(0, 1);
-        g = g.addmm(inner.flatten(0, -2).t(), prev.flatten(0, -2));  // H = 0 is legal
+        g.addmm_(inner.flatten(0, -2).t(), prev.flatten(0, -2));  // H = 0 is legal
       }
       grads.push_back(g);
     } else {
@@ -225,11 +226,11 @@ at::Tensor recurrence_weight_grad(const at::Tensor& dz, const at::Tensor& h_all,
       at::Tensor g = dz_d.index_select(0, starts.to(device))
                          .t()
                          .mm(h0.select(0, d).index_select(0, start_batch.to(device)));
-      g = g.addmm(dz_d.index_select(0, rows.to(device)).t(), h_d.index_select(0, prev_rows.to(device)));
+      g.addmm_(dz_d.index_select(0, rows.to(device)).t(), h_d.index_select(0, prev_rows.to(device)));
       grads.push_back(g);
     }
   }
-  return at::stack(grads);
+  return D == 1 ? grads[0].unsqueeze(0) : at::stack(grads);
 }
 
 }  // namespace
