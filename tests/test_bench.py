@@ -27,6 +27,13 @@ def test_quick_contains_the_cpu_targets_in_both_modes():
             assert C.Case(T, B, I, H, mode=mode, device="cpu").id in ids
 
 
+def test_quick_contains_the_peer_rows_in_both_modes():
+    ids = {c.id for c in C.PRESETS["quick"].cases("cpu")}
+    for T, B, I, H in C.PEER_ROWS:
+        for mode in C.MODES:
+            assert C.Case(T, B, I, H, mode=mode, device="cpu").id in ids
+
+
 def test_quick_is_small_fp32_cpu():
     cases = C.PRESETS["quick"].cases("cpu")
     assert all(c.device == "cpu" and c.dtype == "float32" for c in cases)

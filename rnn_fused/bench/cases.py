@@ -123,6 +123,9 @@ def _sweep(base: Case, axis: str, values, tag: str) -> list[Case]:
 # --- quick: the CPU preset (< 5 minutes on a 2-core CPU, everything included) -------------------------------
 
 QUICK_TARGETS = ((256, 1, 64, 64), (256, 16, 128, 128), (128, 64, 256, 256))  # (T, B, I, H), 1 layer, fp32
+# The rows of the peers comparison (issue 18) that the sweeps below miss: one step and a short window (the
+# per-call cost), a large-H matrix-vector recurrence (W_hh 1 MB), a long tiny one.
+PEER_ROWS = ((1, 1, 64, 64), (16, 1, 64, 64), (64, 1, 512, 512), (1024, 1, 32, 32))
 
 
 def _quick_grid(device: str) -> list[Case]:
@@ -132,6 +135,7 @@ def _quick_grid(device: str) -> list[Case]:
     cases += _sweep(Case(64, 16, 128, 128, device=device), "H", (32, 64, 128, 256), "sweep-H")
     # One multi-layer bidirectional case, so the drop-in's stacking is timed too.
     cases.append(Case(64, 8, 64, 64, num_layers=2, bidirectional=True, device=device, tags=("structure",)))
+    cases += [Case(T, B, I, H, device=device, tags=("peers",)) for T, B, I, H in PEER_ROWS]
     return _dedupe(_both_modes(cases))
 
 
