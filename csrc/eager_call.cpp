@@ -65,7 +65,7 @@ bool parameters_of(py::handle module, const Names& names, const at::Tensor& inpu
   if (!PyDict_Check(own.ptr())) return false;
   for (const auto& name : names) {
     PyObject* p = item(own.ptr(), name);
-    if (p == nullptr || !THPVariable_Check(p)) return false;
+    if (p == nullptr || !THPVariable_CheckExact(p)) return false;  // Tensor or Parameter, not a subclass
     const at::Tensor& t = THPVariable_Unpack(p);
     if (!same_kind(t, input)) return false;
     out.push_back(t);
@@ -73,15 +73,22 @@ bool parameters_of(py::handle module, const Names& names, const at::Tensor& inpu
   return true;
 }
 
-const char* activation_of_mode(const std::string& mode) {
-  return mode == "RNN_TANH" ? "tanh" : mode == "RNN_RELU" ? "relu" : nullptr;
+// The attribute as a string, or nothing if it is not one (the general path then raises what nn.RNN does).
+c10::optional<std::string> string_attr(py::handle module, const char* name) {
+  const py::object value = module.attr(name);
+  if (!py::isinstance<py::str>(value)) return c10::nullopt;
+  return value.cast<std::string>();
+}
+
+const char* activation_of_mode(const c10::optional<std::string>& mode) {
+  return !mode ? nullptr : *mode == "RNN_TANH" ? "tanh" : *mode == "RNN_RELU" ? "relu" : nullptr;
 }
 
 py::object sequence_call(py::handle module, py::handle input_obj, py::handle hx_obj) {
   const at::Tensor* input = exact_tensor(input_obj);
   if (input == nullptr || input->dim() != 3 || !plain_eager(*input)) return py::none();
   if (module.attr("record_grad_norms").cast<bool>() || !module.attr("bptt_clip").is_none()) return py::none();
-  const char* activation = activation_of_mode(module.attr("mode").cast<std::string>());
+  const char* activation = activation_of_mode(string_attr(module, "mode"));
   const int64_t input_size = module.attr("input_size").cast<int64_t>();
   if (activation == nullptr || input->size(2) != input_size) return py::none();
   const bool batch_first = module.attr("batch_first").cast<bool>();
@@ -112,8 +119,8 @@ py::object sequence_call(py::handle module, py::handle input_obj, py::handle hx_
 py::object cell_call(py::handle module, py::handle input_obj, py::handle hx_obj) {
   const at::Tensor* input = exact_tensor(input_obj);
   if (input == nullptr || input->dim() != 2 || !plain_eager(*input)) return py::none();
-  const std::string nonlinearity = module.attr("nonlinearity").cast<std::string>();
-  if ((nonlinearity != "tanh" && nonlinearity != "relu") ||
+  const c10::optional<std::string> nonlinearity = string_attr(module, "nonlinearity");
+  if (!nonlinearity || (*nonlinearity != "tanh" && *nonlinearity != "relu") ||
       input->size(1) != module.attr("input_size").cast<int64_t>())
     return py::none();
   const bool bias = module.attr("bias").cast<bool>();
@@ -135,7 +142,7 @@ py::object cell_call(py::handle module, py::handle input_obj, py::handle hx_obj)
   at::Tensor h_next;
   {
     py::gil_scoped_release no_gil;  // as in stack_op
-    h_next = cell_step(*input, hx, params, nonlinearity == "relu");
+    h_next = cell_step(*input, hx, params, *nonlinearity == "relu");
   }
   return py::cast(h_next);
 }

@@ -162,8 +162,9 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_autograd(const at::Tensor&
   // Nothing to record (no_grad, inference, or no input requiring grad): the kernel alone, without the
   // Function's node and saved state (~3 us of a ~10 us call at T = 1).
   const bool probe_requires_grad = norm_probe.has_value() && norm_probe->requires_grad();
-  if (!at::GradMode::is_enabled() ||
-      !(xw.requires_grad() || w_hh.requires_grad() || h0.requires_grad() || probe_requires_grad))
+  const bool tangents = carries_tangent(xw) || carries_tangent(w_hh) || carries_tangent(h0);
+  if (!tangents && (!at::GradMode::is_enabled() ||
+                    !(xw.requires_grad() || w_hh.requires_grad() || h0.requires_grad() || probe_requires_grad)))
     return recurrence_forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   variable_list out = RecurrenceFunction::apply(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
   return {out[0], out[1]};

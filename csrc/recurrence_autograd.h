@@ -20,6 +20,10 @@ struct BackwardOptionsArgs {
   bool record_norms = false;
 };
 
+// Whether t carries a forward-mode tangent (torch.autograd.forward_ad): the shortcuts that skip autograd
+// when nothing requires grad must not skip it then, or the tangent would be dropped without a word.
+inline bool carries_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+
 // recurrence_forward's kernel for the inputs' device, below autograd (nothing recorded).
 std::tuple<at::Tensor, at::Tensor> recurrence_forward_kernel(const at::Tensor& xw, const at::Tensor& w_hh,
                                                              const at::Tensor& h0,

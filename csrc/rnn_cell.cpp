@@ -4,8 +4,9 @@
 //
 // Why not the stack op with T = 1 (what the general path and torch.compile run): a step of the stack is the
 // recurrence op's machinery (schedule, kernel dispatch, a backward op and a weight-gradient op) around two
-// matrix-vector products, and its graph holds the views that make [B, I] a sequence; here a forward is three
-// ATen ops (no_grad: 20 -> ~12 us at B = 1, H = 64) and a backward six (dz, three GEMMs, one sum).
+// matrix-vector products, and its graph holds the views that make [B, I] a sequence; here a forward is four
+// ATen ops (the bias sum, two GEMMs, the activation; no_grad: 20 -> ~13 us at B = 1, H = 64) and a backward
+// about eight (dz, four GEMMs, the bias sum and its copy).
 // Inputs as nn.RNNCell takes them: x [B, I], h [B, H], w_ih [H, I], w_hh [H, H], b_ih, b_hh [H] (or none).
 #include "rnn_cell.h"
 
@@ -65,8 +66,12 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
 
 at::Tensor cell_step(const at::Tensor& x, const at::Tensor& h, at::TensorList params, bool relu) {
   bool requires_grad = x.requires_grad() || h.requires_grad();
-  for (const at::Tensor& p : params) requires_grad |= p.requires_grad();
-  if (!at::GradMode::is_enabled() || !requires_grad) {
+  bool tangents = carries_tangent(x) || carries_tangent(h);
+  for (const at::Tensor& p : params) {
+    requires_grad |= p.requires_grad();
+    tangents |= carries_tangent(p);
+  }
+  if (!tangents && (!at::GradMode::is_enabled() || !requires_grad)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return step(x, h, params, relu);
   }

@@ -127,12 +127,20 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     variable_list out;
     out.push_back(ctx->needs_input_grad(0) ? dz2d.mm(concatenated(p.w_ih)).view(x.sizes()) : at::Tensor());
     out.push_back(ctx->needs_input_grad(1) ? dh0 : at::Tensor());
-    const at::Tensor dw_ih = dz2d.t().mm(x2d);                                  // [D*H, I]
-    const at::Tensor db = has_biases ? dz2d.sum(0) : at::Tensor();              // [D*H]
+    bool need_w_ih = false, need_b = false;
     for (int64_t d = 0; d < D; ++d) {
-      out.push_back(dw_ih.narrow(0, d * H, H));
+      need_w_ih |= ctx->needs_input_grad(2 + d * per_direction);
+      for (int64_t k = 2; k < per_direction; ++k) need_b |= ctx->needs_input_grad(2 + d * per_direction + k);
+    }
+    const at::Tensor dw_ih = need_w_ih ? dz2d.t().mm(x2d) : at::Tensor();            // [D*H, I]
+    const at::Tensor db = has_biases && need_b ? dz2d.sum(0) : at::Tensor();         // [D*H]
+    for (int64_t d = 0; d < D; ++d) {
+      out.push_back(need_w_ih ? dw_ih.narrow(0, d * H, H) : at::Tensor());
       out.push_back(need_w_hh ? dw_hh.select(0, d) : at::Tensor());
-      if (has_biases) {
+      if (has_biases && !need_b) {
+        out.emplace_back();
+        out.emplace_back();
+      } else if (has_biases) {
         // Two leaves, two buffers: one tensor handed to both would become both .grad (see layer_of_ops).
         const at::Tensor db_d = db.narrow(0, d * H, H);
         out.push_back(db_d);
@@ -155,7 +163,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10:
   // at T = 1). With grad mode on they run as written, each op recording its own backward.
   c10::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
   const bool recording = at::GradMode::is_enabled();
-  if (!recording) below_autograd.emplace();
+  bool tangents = carries_tangent(input) || carries_tangent(hx);
+  for (const at::Tensor& p : params) tangents |= carries_tangent(p);
+  if (!recording && !tangents) below_autograd.emplace();
   const int64_t D = bidirectional ? 2 : 1, per_direction = has_biases ? 4 : 2;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == num_layers * D * per_direction, "rnn_fused::rnn: expected ",
               num_layers * D * per_direction, " parameters, got ", params.size());

@@ -20,6 +20,16 @@ assert EXTENSION_ERROR is None, EXTENSION_ERROR
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: with threads to spare, BLAS-sized steps go to BLAS instead (recurrence_cpu.cpp,
+    use_avx512_step), and these tests are about the AVX-512 step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cpu_has_avx512() -> bool:
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
@@ -89,7 +99,8 @@ def test_portable_loops_pass_the_op_tests_with_the_avx512_step_off():
 def test_the_avx512_step_is_the_one_taken_where_the_cpu_has_it():
     """Bits of h_all and dz with the step on and off: the AVX-512 step sums in another order than BLAS, so
     identical bits would mean the switch (or the dispatch) does nothing."""
-    code = ("import torch, rnn_fused._extension as E; E.load(); g = torch.Generator().manual_seed(0)\n"
+    code = ("import torch, rnn_fused._extension as E; E.load(); torch.set_num_threads(1)\n"
+            "g = torch.Generator().manual_seed(0)\n"
             "xw = torch.randn(40, 16, 1, 128, generator=g); w = torch.randn(1, 128, 128, generator=g) / 12\n"
             "h0 = torch.randn(1, 16, 128, generator=g)\n"
             "h, hl = torch.ops.rnn_fused.recurrence_forward(xw, w, h0, None, 'tanh')\n"

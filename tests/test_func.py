@@ -102,3 +102,36 @@ def test_vmap_over_an_ensemble_of_weights_matches_each_model():
             expected_out, expected_h = r(x)
         assert_matches(out[i], expected_out, name=f"model {i} output")
         assert_matches(h[i], expected_h, name=f"model {i} h_n")
+
+
+@pytest.mark.parametrize("grad_mode", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_mode_ad_tangents_match_nn_rnn(backend, grad_mode):
+    """torch.autograd.forward_ad: the tangent of the output and h_n, as nn.RNN gives it (the kernels have no
+    forward-mode derivative, so the modules run such calls on the reference's torch ops); never dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    ours, ref = _pair(CONFIGS[1], backend)
+    cell_ours, cell_ref = FusedRNNCell(3, 5, backend=backend).double(), nn.RNNCell(3, 5).double()
+    cell_ours.load_state_dict(cell_ref.state_dict())
+    x, t = torch.randn(2, 4, 3, dtype=F64), torch.randn(2, 4, 3, dtype=F64)
+    with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+        for name, a, b in [("sequence", ours, ref), ("cell", cell_ours, cell_ref)]:
+            inp = fwAD.make_dual(x if name == "sequence" else x[0], t if name == "sequence" else t[0])
+            got, want = a(inp), b(inp)
+            for g, w in zip(*(o if isinstance(o, tuple) else (o,) for o in (got, want))):
+                tangent = fwAD.unpack_dual(g).tangent
+                assert tangent is not None, f"{name}: the tangent was dropped"
+                assert_matches(tangent, fwAD.unpack_dual(w).tangent, name=f"{name} tangent")
+
+
+@pytest.mark.skipif(EXTENSION_ERROR is not None, reason=f"extension: {EXTENSION_ERROR}")
+def test_the_op_under_no_grad_never_drops_a_tangent():
+    """Called directly, the C++ ops skip autograd when nothing is recorded, but not for a dual input: they raise
+    (no forward-mode derivative) instead of returning a primal without its tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    xw, w_hh, h0 = torch.randn(3, 2, 1, 4), torch.randn(1, 4, 4), torch.zeros(1, 2, 4)
+    with torch.no_grad(), fwAD.dual_level():
+        with pytest.raises(RuntimeError, match="jvp"):
+            torch.ops.rnn_fused.recurrence_forward(fwAD.make_dual(xw, torch.ones_like(xw)), w_hh, h0, None, "tanh")

@@ -2,15 +2,19 @@
 //
 // Decomposition: the directions of a layer are independent and run in parallel (at::parallel_for over
 // D); inside a direction the T steps are sequential. Each step multiplies the live rows' previous states
-// by W_hh and adds the precomputed input projection xw_t:
-//   small steps (rows*H*H below kBlasMinFlops): a hand-written matrix-vector loop per row that keeps a
-//     tile of 64 floats (8 AVX2 registers) of z in registers, reads W_hh^T once per row, and applies the
-//     activation before storing, so z never goes to memory;
-//   large steps: one BLAS GEMM (the sgemm_/dgemm_ that torch's own BLAS exports; if none is exported, the
-//     hand-written loop), then one activation pass over the rows.
+// by W_hh and adds the precomputed input projection xw_t, by one of three loops chosen per call (the rules:
+// copy_of_w_pays, all_steps_blas, use_avx512_step below):
+//   float32 on an AVX-512 CPU: the AVX-512 step (step_avx512.cpp), a 6-row x 64-column register tile with
+//     the projection add and the activation fused, reading a packed W_hh^T (forward) or W_hh (backward);
+//   otherwise, small steps (rows*H*H below kBlasMinFlops): a hand-written matrix-vector loop per row that
+//     keeps a tile of 64 floats of z in registers, reads W_hh^T once per row, and applies the activation
+//     before storing, so z never goes to memory;
+//   large steps, and every step of a call too short to repay a copy of W_hh: one BLAS GEMM (the
+//     sgemm_/dgemm_ that torch's own BLAS exports; if none is exported, the hand-written loop), then one
+//     activation pass over the rows.
 // Memory: h_all is both the output and the recurrent state (h_{t-1} is read in place); the only scratch is
-// W_hh^T [D, H, H] for the forward and the carried gradient [D, B, H] for the backward, allocated once per
-// call, never per step.
+// one copy of W_hh per call for the forward (W_hh^T [D, H, H], or the AVX-512 step's packed W_hh^T) and the
+// carried gradient [D, B, H] for the backward, allocated once per call, never per step.
 // Floor: 2*rows*H*H flops per step plus one pass over xw_t and h_t; for tiny H the per-step cost is a few
 // hundred nanoseconds, where nn.RNN spends ~10 us per step in operator dispatch.
 #include "activation.h"
@@ -246,11 +250,15 @@ bool all_steps_blas(const RecurrenceProblem& p) {
 }
 
 // Whether a call's steps take the AVX-512 step (step_avx512.h): float32 on a CPU that has AVX-512 (and for
-// the forward, a call long enough to repay packing W_hh^T: copy_of_w_pays). It beats BLAS per step at every
-// measured shape, B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512 step").
+// the forward, a call long enough to repay packing W_hh^T: copy_of_w_pays). On one thread it beats BLAS per
+// step at every measured shape, B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512 step"); but it runs on the
+// thread of its direction, so where threads are left over (more than directions) and the steps are
+// BLAS-sized, BLAS keeps them and spreads each step over those threads.
 template <typename T>
 bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
-  return std::is_same_v<T, float> && avx512::available() && (!forward || copy_of_w_pays(p));
+  const bool threads_left_for_blas = at::get_num_threads() > p.D && use_blas<T>(p.B, p.H);
+  return std::is_same_v<T, float> && avx512::available() && !threads_left_for_blas &&
+         (!forward || copy_of_w_pays(p));
 }
 
 // W_hh^T per direction in the AVX-512 step's packed layout, [D, packed_floats(H)].
@@ -360,7 +368,7 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
   if (p.T == 0 && dh_last) std::memcpy(dh0, dh_last, p.B * H * sizeof(T));
 }
 
-// w_hh_t: undefined when not made for this call. step_matrix: the AVX-512 step's matrix of direction 0 (data
+// w_hh_t: undefined when not made for this call. step_matrix: the AVX-512 step's matrix of direction d (data
 // null when not taken); a packed one ([D, packed_floats(H)]) is given as `packed`, else W_hh itself is read.
 template <typename T>
 DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const at::Tensor& w_hh,
