@@ -18,6 +18,7 @@
 // Floor: 2*rows*H*H flops per step plus one pass over xw_t and h_t; for tiny H the per-step cost is a few
 // hundred nanoseconds, where nn.RNN spends ~10 us per step in operator dispatch.
 #include "activation.h"
+#include "blas.h"
 #include "step_avx512.h"
 
 #include <ATen/Parallel.h>
@@ -27,17 +28,6 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
-
-extern "C" {
-// Fortran BLAS as exported by torch's own BLAS (MKL or OpenBLAS). Weak: null where the installed torch
-// exports none, and then the hand-written loop is used for every size.
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RNN_FUSED_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -205,27 +195,7 @@ RNN_FUSED_MULTIVERSION void activate_rows(T* x, int64_t row_stride, int64_t rows
   }
 }
 
-// ---- BLAS ---------------------------------------------------------------------------------------------
-
-bool blas_available(float*) { return sgemm_ != nullptr; }
-bool blas_available(double*) { return dgemm_ != nullptr; }
-
-// Row-major C[rows, H] (ldc) = A[rows, H] (lda) x op(M) + beta * C, M row-major [H, H];
-// op(M) = M^T if transpose_m, else M. In BLAS's column-major view every row-major matrix is transposed,
-// so C^T = op(M)^T A^T.
-template <typename T>
-void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int64_t ldc, int64_t rows,
-               int64_t H, T beta) {
-  const int mi = static_cast<int>(H), ni = static_cast<int>(rows), ki = static_cast<int>(H);
-  const int lda_i = static_cast<int>(lda), ldm = static_cast<int>(H), ldc_i = static_cast<int>(ldc);
-  const char tm = transpose_m ? 'T' : 'N', ta = 'N';
-  const T one = 1;
-  if constexpr (std::is_same_v<T, float>) {
-    sgemm_(&tm, &ta, &mi, &ni, &ki, &one, m, &ldm, a, &lda_i, &beta, c, &ldc_i);
-  } else {
-    dgemm_(&tm, &ta, &mi, &ni, &ki, &one, m, &ldm, a, &lda_i, &beta, c, &ldc_i);
-  }
-}
+// ---- BLAS (blas.h) ---------------------------------------------------------------------------------
 
 template <typename T>
 bool use_blas(int64_t rows, int64_t H) {
@@ -323,9 +293,10 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
       }
     } else if (v.w_t == nullptr || use_blas<T>(s.rows, H)) {  // no W_hh^T: all_steps_blas
       for (int64_t r = 0; r < s.rows; ++r) std::memcpy(h_t + r * rs, xw_t + r * rs, H * sizeof(T));
-      if (s.carried > 0) gemm_rows<T>(h_prev, rs, v.w, /*transpose_m=*/true, h_t, rs, s.carried, H, T(1));
+      if (s.carried > 0) gemm_rows<T>(h_prev, rs, v.w, /*transpose_m=*/true, h_t, rs, s.carried, H, H, T(1));
       if (s.rows > s.carried)
-        gemm_rows<T>(v.h0 + s.carried * H, H, v.w, true, h_t + s.carried * rs, rs, s.rows - s.carried, H, T(1));
+        gemm_rows<T>(v.h0 + s.carried * H, H, v.w, true, h_t + s.carried * rs, rs, s.rows - s.carried, H, H,
+                     T(1));
       activate_rows<T>(h_t, rs, s.rows, H, p.activation);
     } else {
       if (s.carried > 0) step_rows_hand_any(v.w_t, H, xw_t, rs, h_prev, rs, h_t, s.carried, p.activation);
@@ -358,7 +329,7 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
     backward_rows_any(v.w, H, h_all + off, dh_t, rs, dh_last, s.continuing, carry, dz + off, s.rows,
                       p.activation, /*carry_out=*/!blas && !avx512_step, opts,
                       grad_norm ? grad_norm + s.row_begin * p.D + d : nullptr, p.D);
-    if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, T(0));
+    if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, H, T(0));
     if (avx512_step) {
       if constexpr (std::is_same_v<T, float>)
         avx512::rows_times(v.step_matrix, H, dz + off, rs, nullptr, 0, carry, H, s.rows, false, p.activation);

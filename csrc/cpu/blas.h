@@ -1,0 +1,40 @@
+// The BLAS GEMM that torch's own BLAS exports (MKL or OpenBLAS), for the CPU kernels (recurrence_cpu.cpp)
+// and FusedRNNCell's CPU step (csrc/rnn_cell.cpp), declared and wrapped once.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+extern "C" {
+// Fortran BLAS. Weak: null where the installed torch exports none; callers check blas_available first.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+namespace rnn_fused {
+
+inline bool blas_available(float*) { return sgemm_ != nullptr; }
+inline bool blas_available(double*) { return dgemm_ != nullptr; }
+
+// Row-major C[rows, N] (ldc) = A[rows, K] (lda) x op(M) + beta * C, M row-major: op(M) = M^T with M [N, K]
+// if transpose_m, else M [K, N]. In BLAS's column-major view every row-major matrix is transposed, so
+// C^T = op(M)^T A^T. Every size > 0 (BLAS refuses a leading dimension of 0).
+template <typename T>
+void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int64_t ldc, int64_t rows, int64_t N,
+               int64_t K, T beta) {
+  const int mi = static_cast<int>(N), ni = static_cast<int>(rows), ki = static_cast<int>(K);
+  const int lda_i = static_cast<int>(lda), ldm = static_cast<int>(transpose_m ? K : N), ldc_i = static_cast<int>(ldc);
+  const char tm = transpose_m ? 'T' : 'N', ta = 'N';
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&tm, &ta, &mi, &ni, &ki, &one, m, &ldm, a, &lda_i, &beta, c, &ldc_i);
+  } else {
+    dgemm_(&tm, &ta, &mi, &ni, &ki, &one, m, &ldm, a, &lda_i, &beta, c, &ldc_i);
+  }
+}
+
+}  // namespace rnn_fused
