@@ -16,6 +16,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 namespace rnn_fused {
 
 namespace {
@@ -46,6 +48,9 @@ bool cpu_step_applies(const at::Tensor& x, const at::Tensor& h, at::TensorList p
   if (dtype == at::kFloat ? !blas_available(static_cast<float*>(nullptr)) : !blas_available(static_cast<double*>(nullptr)))
     return false;
   if (!x.is_contiguous() || !h.is_contiguous()) return false;
+  // BLAS takes int sizes: beyond them the ATen ops, which take int64 (as nn.RNNCell does).
+  const int64_t int_max = std::numeric_limits<int>::max();
+  if (x.size(0) > int_max || x.size(1) > int_max || h.size(1) > int_max) return false;
   for (const at::Tensor& p : params)
     if (!p.is_contiguous() || p.numel() == 0) return false;
   return true;
