@@ -83,7 +83,8 @@ variable_list saved_variables(AutogradContext* ctx) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_gradients(
     const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_all, const c10::optional<at::Tensor>& batch_sizes,
-    const std::string& activation, const BackwardOptionsArgs& options, const at::Tensor& grad_h_all,
+    const std::string& activation, c10::string_view clip_mode, double clip, bool record_norms,
+    const at::Tensor& grad_h_all,
     const at::Tensor& grad_h_last, bool need_w_hh) {
   const auto dh_all = defined_or_none(grad_h_all), dh_last = defined_or_none(grad_h_last);
   at::Tensor dz, dh0, grad_norm;
@@ -94,14 +95,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_gradients(
   }
   if (recorded) {
     // The clipped BPTT has no derivative of its own (plain BPTT has: the reference's torch ops).
-    TORCH_CHECK(options.clip_mode == "none" && !options.record_norms,
+    TORCH_CHECK(clip_mode == "none" && !record_norms,
                 "rnn_fused: in-BPTT clipping and gradient-norm recording do not support create_graph=True "
                 "(double backward); build the model without bptt_clip and record_grad_norms for gradient "
                 "penalties");
     std::tie(dz, dh0) = backward_reference(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation);
   } else {
     std::tie(dz, dh0, grad_norm) = backward_kernel(w_hh, h_all, h0, dh_all, dh_last, batch_sizes, activation,
-                                                   options.clip_mode, options.clip, options.record_norms);
+                                                   clip_mode, clip, record_norms);
   }
   at::Tensor dw_hh;
   if (need_w_hh) {
@@ -143,7 +144,7 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
     const double clip = ctx->saved_data["clip"].toDouble();
     const bool record_norms = ctx->saved_data["record_norms"].toBool();
     auto [dz, dw_hh, dh0, grad_norm] = recurrence_gradients(
-        w_hh, h0, h_all, batch_sizes, activation, BackwardOptionsArgs{clip_mode, clip, record_norms}, grads[0],
+        w_hh, h0, h_all, batch_sizes, activation, clip_mode, clip, record_norms, grads[0],
         grads[1], ctx->needs_input_grad(1));
     // norm_probe's gradient is the recorded norms (csrc/ops.cpp).
     return {dz, dw_hh, dh0, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

@@ -13,13 +13,6 @@ namespace rnn_fused {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The backward options as the backward op takes them (csrc/ops.cpp states their meaning).
-struct BackwardOptionsArgs {
-  std::string clip_mode = "none";
-  double clip = 0;
-  bool record_norms = false;
-};
-
 // Whether t carries a forward-mode tangent (torch.autograd.forward_ad): the shortcuts that skip autograd
 // when nothing requires grad must not skip it then, or the tangent would be dropped without a word.
 inline bool carries_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
@@ -35,12 +28,13 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_kernel(const at::Tensor& x
 variable_list saved_variables(AutogradContext* ctx);
 
 // The recurrence's gradients from what its forward saved (w_hh, h0, h_all) and the outputs' gradients
-// (undefined = zero): (dz = dxw, dW_hh (undefined unless need_w_hh), dh0, grad_norm (recorded norms, or
-// undefined)). The kernels' BPTT, or the reference's differentiable one when the backward is recorded
+// (undefined = zero), under the backward options as the backward op takes them (csrc/ops.cpp): (dz = dxw,
+// dW_hh (undefined unless need_w_hh), dh0, grad_norm (recorded norms, or undefined)). The kernels' BPTT, or the reference's differentiable one when the backward is recorded
 // (create_graph=True).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> recurrence_gradients(
     const at::Tensor& w_hh, const at::Tensor& h0, const at::Tensor& h_all, const c10::optional<at::Tensor>& batch_sizes,
-    const std::string& activation, const BackwardOptionsArgs& options, const at::Tensor& grad_h_all,
+    const std::string& activation, c10::string_view clip_mode, double clip, bool record_norms,
+    const at::Tensor& grad_h_all,
     const at::Tensor& grad_h_last, bool need_w_hh);
 
 }  // namespace rnn_fused

@@ -121,7 +121,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     const at::Tensor h_all = output.view({x.size(0), x.size(1), D, H});
     const at::Tensor d_out = grads[0].defined() ? grads[0].view({x.size(0), x.size(1), D, H}) : at::Tensor();
     auto [dz, dw_hh, dh0, grad_norm] =
-        recurrence_gradients(stacked(p.w_hh), h0, h_all, c10::nullopt, activation, BackwardOptionsArgs{}, d_out,
+        recurrence_gradients(stacked(p.w_hh), h0, h_all, c10::nullopt, activation, "none", 0.0, false, d_out,
                              grads[1], need_w_hh);
     const at::Tensor dz2d = dz.reshape({-1, D * H}), x2d = x.flatten(0, -2);
     variable_list out;

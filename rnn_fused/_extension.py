@@ -30,6 +30,13 @@ def load() -> str | None:
     return None
 
 
+@lru_cache(maxsize=None)
+def compiled():
+    """The loaded rnn_fused._C (load() must have succeeded): its sequence_call / cell_call are the modules'
+    fast path (csrc/eager_call.cpp)."""
+    return importlib.import_module("rnn_fused._C")
+
+
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """True if the extension registered a kernel of ``rnn_fused::op`` for ``dispatch_key`` (CPU, CUDA)."""
     if load() is not None:

@@ -135,7 +135,8 @@ def call_runs_stack_op(backend: str, t: Tensor) -> bool:
     """Whether this module call (input ``t``, requested ``backend``) is one ``rnn_fused::rnn`` call: outside
     torch.func transforms (they need the rule of rnn_fused/func_transforms.py, which the stack op's
     recurrence cannot take), and on a backend and dtype of runs_stack_op."""
-    return not func_transforms.active() and runs_stack_op(resolve(backend, t.device, t.dtype), t.dtype)
+    return (not func_transforms.active() and not func_transforms.forward_ad_active()
+            and runs_stack_op(resolve(backend, t.device, t.dtype), t.dtype))
 
 
 def recurrence_forward_fn(backend: str, bptt=None):
@@ -162,11 +163,16 @@ def recurrence_forward_fn(backend: str, bptt=None):
 
 
 def _under_func_transforms(forward, backward):
-    """``forward``, taking the torch.func-ready rule (rnn_fused/func_transforms.py) while a transform runs."""
+    """``forward``, taking the torch.func-ready rule (rnn_fused/func_transforms.py) while a transform runs,
+    and the reference's torch ops while forward-mode AD is on (the kernels' rules are reverse-mode only)."""
 
     def forward_or_func(xw, w_hh, h0, batch_sizes, activation):
         if func_transforms.active():
             return func_transforms.recurrence(forward, backward, xw, w_hh, h0, batch_sizes, activation)
+        if func_transforms.forward_ad_active():
+            from . import reference
+
+            return reference.recurrence_forward(xw, w_hh, h0, batch_sizes, activation)
         return forward(xw, w_hh, h0, batch_sizes, activation)
 
     return forward_or_func

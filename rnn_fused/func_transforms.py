@@ -26,6 +26,13 @@ def active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def forward_ad_active() -> bool:
+    """Whether a torch.autograd.forward_ad.dual_level is open. The kernels have no forward-mode derivative
+    (the C++ and Triton rules are reverse-mode only); the reference's torch ops have one, as nn.RNN's, so the
+    recurrence runs there meanwhile (rnn_fused/backends.py) and a tangent is never dropped."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def recurrence(forward_op, backward_op, xw: Tensor, w_hh: Tensor, h0: Tensor, batch_sizes: Tensor | None,
                activation: str) -> tuple[Tensor, Tensor]:
     """``forward_op(xw, w_hh, h0, batch_sizes, activation)`` differentiable under torch.func."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import backends, contract, onnx_export, scripting
+from . import _extension, backends, contract, func_transforms, onnx_export, scripting
 from .backends import check_name
 from .bptt import BPTTOptions
 from .diagnostics import GradFlow
@@ -79,30 +79,12 @@ def _check_hx_dtype(input: Tensor, hx: Tensor) -> None:
         raise RuntimeError(f"hx dtype ({hx.dtype}) must match the input dtype ({input.dtype})")
 
 
-def _forward_ad_active() -> bool:
-    """Whether a torch.autograd.forward_ad.dual_level is open. The kernels have no forward-mode derivative;
-    the reference's torch ops have one, as nn.RNN's, so such a call runs on the reference backend (a tangent
-    is never dropped)."""
-    return torch.autograd.forward_ad._current_level >= 0
-
-
-def _call_backend(backend: str) -> str:
-    """The backend a module call runs on: its own, or the reference while forward-mode AD is on."""
-    return "reference" if _forward_ad_active() else backend
-
-
-def _fast_calls():
-    """rnn_fused._C, whose sequence_call / cell_call are the modules' fast path (csrc/eager_call.cpp); loaded
-    by then: the fast path is taken only on a backend whose kernels are the extension's."""
-    global _FAST_CALLS
-    if _FAST_CALLS is None:
-        import importlib
-
-        _FAST_CALLS = importlib.import_module("rnn_fused._C")
-    return _FAST_CALLS
-
-
-_FAST_CALLS = None
+def _fast_path_open(backend: str, input) -> bool:
+    """Whether a module call may try the fast path (csrc/eager_call.cpp checks the rest): a plain tensor
+    input, not while torch.compile traces (dynamo cannot trace into the C++ call), not under forward-mode AD,
+    on a backend whose whole stack is the stack op."""
+    return (type(input) is Tensor and not torch.compiler.is_compiling() and not func_transforms.forward_ad_active()
+            and backends.stack_op_for(backend, input))
 
 
 def _stacked(tensors: list[Tensor]) -> Tensor:
@@ -227,10 +209,7 @@ class FusedRNN(nn.RNNBase):
         C++ call (csrc/eager_call.cpp lists the conditions; issue 17: the same checks in Python cost ~13 us
         per call, as much as the kernels at T = 1). Returns None otherwise, and the general path runs the
         call (and raises nn.RNN's messages for what is wrong). Never raises itself."""
-        if (type(input) is not Tensor or torch.compiler.is_compiling() or _forward_ad_active()
-                or not backends.stack_op_for(self.backend, input)):
-            return None
-        return _fast_calls().sequence_call(self, input, hx)
+        return _extension.compiled().sequence_call(self, input, hx) if _fast_path_open(self.backend, input) else None
 
     def _general_forward(self, input, hx: Tensor | None):
         # Parameters are read by name (getattr, so parametrizations and reassigned attributes are seen), never
@@ -288,7 +267,7 @@ class FusedRNN(nn.RNNBase):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         if not exporting and compute_dtype is None and not self.record_grad_norms and self.bptt_clip is None \
-                and backends.call_runs_stack_op(_call_backend(self.backend), data):
+                and backends.call_runs_stack_op(self.backend, data):
             # The C++ kernels: the whole stack in one call (csrc/rnn_stack.cpp), the same maths as the loop
             # below.
             output, hidden = torch.ops.rnn_fused.rnn(
@@ -317,8 +296,7 @@ class FusedRNN(nn.RNNBase):
                 else:
                     w_ih, w_hh, bias = weights[layer]
                     layer_output, h_last = rnn_layer(layer_input, w_ih, w_hh, bias, None, h0, batch_sizes,
-                                                     activation, _call_backend(self.backend),
-                                                     self._bptt_options(layer, layer_input))
+                                                     activation, self.backend, self._bptt_options(layer, layer_input))
                 h_n.append(h_last)
                 # Dropout sits between layers only, in training only; h_n is taken before it.
                 if self.dropout > 0 and self.training and layer < self.num_layers - 1:
@@ -368,10 +346,7 @@ class FusedRNNCell(nn.RNNCell):
     def _fast_forward(self, input, hx: Tensor | None):
         """FusedRNN._fast_forward's counterpart for nn.RNNCell's contract: a batched [B, I] input (hx [B, H]
         or None) in one C++ call (csrc/eager_call.cpp), else None (the general path runs the call)."""
-        if (type(input) is not Tensor or torch.compiler.is_compiling() or _forward_ad_active()
-                or not backends.stack_op_for(self.backend, input)):
-            return None
-        return _fast_calls().cell_call(self, input, hx)
+        return _extension.compiled().cell_call(self, input, hx) if _fast_path_open(self.backend, input) else None
 
     def _general_forward(self, input: Tensor, hx: Tensor | None) -> Tensor:
         input, hx, is_batched = scripting.cell_arguments(input, hx, self.hidden_size)
@@ -389,8 +364,7 @@ class FusedRNNCell(nn.RNNCell):
             input, hx = input.to(compute_dtype), hx.to(compute_dtype)
             weights = [w.to(compute_dtype) for w in weights]
         w_ih, w_hh = weights[:2]
-        backend = _call_backend(self.backend)
-        if compute_dtype is None and not onnx_export.exporting() and backends.call_runs_stack_op(backend, input):
+        if compute_dtype is None and not onnx_export.exporting() and backends.call_runs_stack_op(self.backend, input):
             # One step of the C++ stack op (csrc/rnn_stack.cpp), the same maths as rnn_layer below.
             _, h_n = torch.ops.rnn_fused.rnn(input.unsqueeze(0), None, hx.unsqueeze(0), weights, self.bias, 1,
                                              False, 0.0, False, False, self.nonlinearity)
@@ -403,6 +377,6 @@ class FusedRNNCell(nn.RNNCell):
         bias = (weights[2] + weights[3]).unsqueeze(0) if self.bias else None
         with torch.autocast(input.device.type, enabled=False) if compute_dtype else contextlib.nullcontext():
             _, h_last = rnn_layer(input.unsqueeze(0), w_ih.unsqueeze(0), w_hh.unsqueeze(0), bias, None,
-                                  hx.unsqueeze(0), None, self.nonlinearity, backend)
+                                  hx.unsqueeze(0), None, self.nonlinearity, self.backend)
         h = h_last[0]
         return h if is_batched else h.squeeze(0)

@@ -78,21 +78,20 @@ def test_step_edges_match_the_reference(H, B, D, packed, activation):
         assert_matches(a, r, y, name=f"H={H} B={B} {name}")
 
 
-def _run_with_avx512(switch: str, code: str) -> str:
+def _run_with_avx512(switch: str, *args: str, timeout: int = 300) -> str:
+    """``python args...`` in the checkout with RNN_FUSED_CPU_AVX512=switch; its stdout (it must succeed)."""
     env = dict(os.environ, RNN_FUSED_CPU_AVX512=switch)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     return proc.stdout
 
 
 def test_portable_loops_pass_the_op_tests_with_the_avx512_step_off():
-    env = dict(os.environ, RNN_FUSED_CPU_AVX512="0")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py",
-                           "-k", "cpu and dtype0 and (layer_matches or packed_and_bidirectional)"],  # dtype0: float32
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    out = _run_with_avx512("0", "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops.py", "-k",
+                           "cpu and dtype0 and (layer_matches or packed_and_bidirectional)",  # dtype0: float32
+                           timeout=900)
+    assert " passed" in out and "failed" not in out
 
 
 @pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU has no AVX-512")
@@ -106,6 +105,6 @@ def test_the_avx512_step_is_the_one_taken_where_the_cpu_has_it():
             "h, hl = torch.ops.rnn_fused.recurrence_forward(xw, w, h0, None, 'tanh')\n"
             "dz, _, _ = torch.ops.rnn_fused.recurrence_backward(w, h, h0, torch.ones_like(h), None, None, 'tanh')\n"
             "print(h.double().sum().item().hex(), dz.double().sum().item().hex())\n")
-    on, off = _run_with_avx512("1", code).split(), _run_with_avx512("0", code).split()
+    on, off = _run_with_avx512("1", "-c", code).split(), _run_with_avx512("0", "-c", code).split()
     assert on[0] != off[0], "forward: the same bits with the AVX-512 step on and off"
     assert on[1] != off[1], "backward: the same bits with the AVX-512 step on and off"
