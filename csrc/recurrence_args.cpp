@@ -18,6 +18,20 @@ Activation parse_activation(c10::string_view activation) {
   TORCH_CHECK(false, "rnn_fused: activation must be 'tanh' or 'relu', got '", std::string(activation), "'");
 }
 
+RecurrenceProblem padded_problem(int64_t T, int64_t B, int64_t D, int64_t H, Activation activation) {
+  RecurrenceProblem p;
+  p.T = T;
+  p.B = B;
+  p.D = D;
+  p.H = H;
+  p.N = T * B;
+  p.activation = activation;
+  p.batch_sizes.assign(T, B);
+  p.row_begin.resize(T);
+  for (int64_t t = 0; t < T; ++t) p.row_begin[t] = t * B;
+  return p;
+}
+
 bool RecurrenceProblem::empty() const { return T == 0 || B == 0 || H == 0; }
 
 std::vector<Step> RecurrenceProblem::schedule(int64_t direction) const {
@@ -90,7 +104,10 @@ RecurrenceProblem check_common(const at::Tensor& xw_like, const char* xw_name, c
                   ", B = ", p.B, ")");
       return p;
     }
-    p.batch_sizes.assign(p.T, p.B);
+    // Not empty: T * B * D * H elements exist, so no row index overflows.
+    RecurrenceProblem padded = padded_problem(p.T, p.B, p.D, p.H, p.activation);
+    check_index_range(padded);
+    return padded;
   } else {
     const at::Tensor& bs = *batch_sizes;
     TORCH_CHECK(bs.dim() == 1 && bs.scalar_type() == at::kLong && bs.device().is_cpu(),

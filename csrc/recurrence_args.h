@@ -77,6 +77,11 @@ struct RecurrenceProblem {
   std::vector<Step> schedule(int64_t direction) const;
 };
 
+// The problem of a padded call that has work (T, B, H > 0): T steps of all B rows in each of D directions.
+// Checks nothing: check_forward_args builds padded problems with it after its checks, and the eager layer
+// node's CPU path (cpu/layer_cpu.cpp) for shapes it built itself.
+RecurrenceProblem padded_problem(int64_t T, int64_t B, int64_t D, int64_t H, Activation activation);
+
 // Checks the forward op's arguments (names, ranks, sizes, dtypes, devices) and builds the problem.
 RecurrenceProblem check_forward_args(
     const at::Tensor& xw, const at::Tensor& w_hh, const at::Tensor& h0,

@@ -17,6 +17,8 @@
 // carried gradient [D, B, H] for the backward, allocated once per call, never per step.
 // Floor: 2*rows*H*H flops per step plus one pass over xw_t and h_t; for tiny H the per-step cost is a few
 // hundred nanoseconds, where nn.RNN spends ~10 us per step in operator dispatch.
+#include "recurrence_cpu.h"
+
 #include "activation.h"
 #include "blas.h"
 #include "step_avx512.h"
@@ -232,23 +234,21 @@ bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
 }
 
 // W_hh^T per direction in the AVX-512 step's packed layout, [D, packed_floats(H)].
-at::Tensor packed_w_hh_t(const at::Tensor& w_hh) {
-  const int64_t D = w_hh.size(0), H = w_hh.size(1), size = avx512::packed_floats(H);
-  at::Tensor out = at::empty({D, size}, w_hh.options());
-  for (int64_t d = 0; d < D; ++d)
-    avx512::pack_transposed(w_hh.data_ptr<float>() + d * H * H, H, out.data_ptr<float>() + d * size);
+at::Tensor packed_w_hh_t(const RecurrenceProblem& p, const DirectionWeights<float>& w_hh) {
+  const int64_t size = avx512::packed_floats(p.H);
+  at::Tensor out = at::empty({p.D, size}, at::TensorOptions().dtype(at::kFloat));
+  for (int64_t d = 0; d < p.D; ++d) avx512::pack_transposed(w_hh[d], p.H, out.data_ptr<float>() + d * size);
   return out;
 }
 
 // W_hh^T per direction, [D, H, H], by 32 x 32 tiles (ATen's copy of a transposed view is ~10x slower).
 template <typename T>
-at::Tensor transposed(const at::Tensor& w_hh) {
-  at::Tensor out = at::empty_like(w_hh);
-  const int64_t D = w_hh.size(0), H = w_hh.size(1), tile = 32;
-  const T* src = w_hh.data_ptr<T>();
+at::Tensor transposed(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh) {
+  const int64_t H = p.H, tile = 32;
+  at::Tensor out = at::empty({p.D, H, H}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
   T* dst = out.data_ptr<T>();
-  for (int64_t d = 0; d < D; ++d) {
-    const T* s = src + d * H * H;
+  for (int64_t d = 0; d < p.D; ++d) {
+    const T* s = w_hh[d];
     T* o = dst + d * H * H;
     for (int64_t i0 = 0; i0 < H; i0 += tile)
       for (int64_t j0 = 0; j0 < H; j0 += tile)
@@ -342,19 +342,70 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
 // w_hh_t: undefined when not made for this call. step_matrix: the AVX-512 step's matrix of direction d (data
 // null when not taken); a packed one ([D, packed_floats(H)]) is given as `packed`, else W_hh itself is read.
 template <typename T>
-DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const at::Tensor& w_hh,
-                                const at::Tensor& w_hh_t, bool avx512_step, const at::Tensor& packed,
-                                const at::Tensor& h0) {
+DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const DirectionWeights<T>& w_hh,
+                                const at::Tensor& w_hh_t, bool avx512_step, const at::Tensor& packed, const T* h0) {
   avx512::StepMatrix step_matrix{nullptr, 0, 0};
   if constexpr (std::is_same_v<T, float>) {
     if (avx512_step && packed.defined())
       step_matrix = {packed.data_ptr<float>() + d * packed.size(1), avx512::kPanelWidth, p.H * avx512::kPanelWidth};
     else if (avx512_step)
-      step_matrix = avx512::row_major(w_hh.data_ptr<float>() + d * p.H * p.H, p.H);
+      step_matrix = avx512::row_major(w_hh[d], p.H);
   }
-  return DirectionView<T>{w_hh.data_ptr<T>() + d * p.H * p.H,
-                          w_hh_t.defined() ? w_hh_t.data_ptr<T>() + d * p.H * p.H : nullptr, step_matrix,
-                          h0.data_ptr<T>() + d * p.B * p.H, p.D * p.H, d * p.H};
+  return DirectionView<T>{w_hh[d], w_hh_t.defined() ? w_hh_t.data_ptr<T>() + d * p.H * p.H : nullptr, step_matrix,
+                          h0 + d * p.B * p.H, p.D * p.H, d * p.H};
+}
+
+}  // namespace
+
+template <typename T>
+void recurrence_forward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* xw, const T* h0,
+                             T* h_all, T* h_last) {
+  const bool avx512_step = use_avx512_step<T>(p, /*forward=*/true);
+  at::Tensor packed;
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512_step) packed = packed_w_hh_t(p, w_hh);
+  }
+  const at::Tensor w_hh_t = avx512_step || all_steps_blas<T>(p) ? at::Tensor() : transposed<T>(p, w_hh);
+  at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d)
+      forward_direction<T>(p, d, direction_view<T>(p, d, w_hh, w_hh_t, avx512_step, packed, h0), xw, h_all,
+                           h_last + d * p.B * p.H);
+  });
+}
+
+template <typename T>
+void recurrence_backward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* h_all,
+                              const T* h0, const T* dh_all, const T* dh_last, T* dz, T* dh0,
+                              const BackwardOptions& opts, T* grad_norm) {
+  const bool avx512_step = use_avx512_step<T>(p, /*forward=*/false);
+  std::vector<T> carry(p.D * p.B * p.H, T(0));  // W^T dz of the later step, per direction [D, B, H]
+  at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      const int64_t state = d * p.B * p.H;
+      backward_direction<T>(p, d, direction_view<T>(p, d, w_hh, at::Tensor(), avx512_step, at::Tensor(), h0), h_all,
+                            dh_all, dh_last ? dh_last + state : nullptr, carry.data() + state, dz, dh0 + state, opts,
+                            grad_norm);
+    }
+  });
+}
+
+template void recurrence_forward_into<float>(const RecurrenceProblem&, const DirectionWeights<float>&, const float*,
+                                             const float*, float*, float*);
+template void recurrence_forward_into<double>(const RecurrenceProblem&, const DirectionWeights<double>&,
+                                              const double*, const double*, double*, double*);
+template void recurrence_backward_into<float>(const RecurrenceProblem&, const DirectionWeights<float>&, const float*,
+                                              const float*, const float*, const float*, float*, float*,
+                                              const BackwardOptions&, float*);
+template void recurrence_backward_into<double>(const RecurrenceProblem&, const DirectionWeights<double>&,
+                                               const double*, const double*, const double*, const double*, double*,
+                                               double*, const BackwardOptions&, double*);
+
+namespace {
+
+template <typename T>
+DirectionWeights<T> directions_of(const at::Tensor& w_hh) {  // w_hh [D, H, H] contiguous
+  const int64_t D = w_hh.size(0), H = w_hh.size(1);
+  return {w_hh.data_ptr<T>(), D > 1 ? w_hh.data_ptr<T>() + H * H : nullptr};
 }
 
 void check_cpu_dtype(const at::Tensor& w_hh) {
@@ -379,16 +430,9 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_cpu(const at::Tensor& xw_i
   at::Tensor h_last = h0.clone();  // T == 0 leaves each sequence at h0
   if (p.empty()) return {h_all, h_last};  // no work (B = 2^40 rows of H = 0 included)
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_forward_cpu", [&] {
-    const bool avx512_step = use_avx512_step<scalar_t>(p, /*forward=*/true);
-    const at::Tensor packed = avx512_step ? packed_w_hh_t(w_hh) : at::Tensor();
-    const at::Tensor w_hh_t = avx512_step || all_steps_blas<scalar_t>(p) ? at::Tensor() : transposed<scalar_t>(w_hh);
-    at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t d = begin; d < end; ++d) {
-        forward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, w_hh_t, avx512_step, packed, h0),
-                                    xw.data_ptr<scalar_t>(), h_all.data_ptr<scalar_t>(),
-                                    h_last.data_ptr<scalar_t>() + d * p.B * p.H);
-      }
-    });
+    recurrence_forward_into<scalar_t>(p, directions_of<scalar_t>(w_hh), xw.data_ptr<scalar_t>(),
+                                      h0.data_ptr<scalar_t>(), h_all.data_ptr<scalar_t>(),
+                                      h_last.data_ptr<scalar_t>());
   });
   return {h_all, h_last};
 }
@@ -407,7 +451,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
   const at::Tensor dh_last = dh_last_in.has_value() ? dh_last_in->contiguous() : at::Tensor();
   at::Tensor dz = at::empty_like(h_all);
   at::Tensor dh0 = at::zeros_like(h0);
-  at::Tensor carry = at::zeros_like(h0);  // [D, B, H]
   at::Tensor grad_norm = grad_norm_output(h_all, record_norms);
   if (p.empty()) {
     // No work: the gradient of h_last (= h0 when T == 0) passes to h0; a row of H = 0 has norm 0.
@@ -416,19 +459,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> recurrence_backward_cpu(
     return {dz, dh0, grad_norm};
   }
   AT_DISPATCH_FLOATING_TYPES(w_hh.scalar_type(), "recurrence_backward_cpu", [&] {
-    const bool avx512_step = use_avx512_step<scalar_t>(p, /*forward=*/false);
-    at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t d = begin; d < end; ++d) {
-        const int64_t state = d * p.B * p.H;
-        backward_direction<scalar_t>(p, d, direction_view<scalar_t>(p, d, w_hh, at::Tensor(), avx512_step, at::Tensor(), h0),
-                                     h_all.data_ptr<scalar_t>(),
-                                     dh_all.defined() ? dh_all.data_ptr<scalar_t>() : nullptr,
-                                     dh_last.defined() ? dh_last.data_ptr<scalar_t>() + state : nullptr,
-                                     carry.data_ptr<scalar_t>() + state, dz.data_ptr<scalar_t>(),
-                                     dh0.data_ptr<scalar_t>() + state, opts,
-                                     record_norms ? grad_norm.data_ptr<scalar_t>() : nullptr);
-      }
-    });
+    recurrence_backward_into<scalar_t>(p, directions_of<scalar_t>(w_hh), h_all.data_ptr<scalar_t>(),
+                                       h0.data_ptr<scalar_t>(), dh_all.defined() ? dh_all.data_ptr<scalar_t>() : nullptr,
+                                       dh_last.defined() ? dh_last.data_ptr<scalar_t>() : nullptr,
+                                       dz.data_ptr<scalar_t>(), dh0.data_ptr<scalar_t>(), opts,
+                                       record_norms ? grad_norm.data_ptr<scalar_t>() : nullptr);
   });
   return {dz, dh0, grad_norm};
 }
