@@ -13,13 +13,17 @@
 //   params  nn.RNN's flat weights: per layer, per direction: w_ih [H, I], w_hh [H, H], (b_ih, b_hh [H])
 //   returns output like input with D*H features, h_n [L*D, B, H]
 //
-// For eager calls (the modules' fast path, csrc/eager_call.cpp) a layer can instead be one autograd node,
-// LayerFunction below: the same ops in its forward, and in its backward the recurrence's gradients
-// (recurrence_autograd.h) followed by the projection's (dx = dz W_ih, dW_ih = dz^T x, db = sum dz). A
-// composite layer records ~8 nodes (views, the addmm, its transpose, the bias sum, the stacking, the
-// recurrence), each ~5-10 us of autograd's time per backward at small sizes; the node records one.
+// For eager calls (the modules' fast path, csrc/eager_call.cpp) a padded layer is instead one autograd node,
+// LayerFunction below, or nothing recorded when nothing requires grad (eager_layer). Both run the CPU layer
+// (cpu/layer_cpu.h: the same GEMMs as BLAS calls and the recurrence kernels on buffers of its own, no ATen
+// op) where it applies, else the same ops as the composite. The node's backward is the CPU layer's, or for
+// create_graph and other devices the recurrence's gradients (recurrence_autograd.h) followed by the
+// projection's (dx = dz W_ih, dW_ih = dz^T x, db = sum dz) as ATen ops. A composite layer records ~8 nodes
+// (views, the addmm, its transpose, the bias sum, the stacking, the recurrence), each ~5-10 us of autograd's
+// time per backward at small sizes; the node records one.
 #include "rnn_stack.h"
 
+#include "cpu/layer_cpu.h"
 #include "recurrence_autograd.h"
 
 #include <ATen/ATen.h>
@@ -38,13 +42,9 @@ at::Tensor concatenated(const std::vector<at::Tensor>& per_direction) {
 }
 
 // One layer's parameters by kind, one per direction (params: w_ih, w_hh[, b_ih, b_hh] per direction).
-struct LayerParameters {
-  std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;
-};
-
-LayerParameters layer_parameters(at::TensorList params, int64_t D, bool has_biases) {
+LayerWeights layer_parameters(at::TensorList params, int64_t D, bool has_biases) {
   const int64_t per_direction = has_biases ? 4 : 2;
-  LayerParameters out;
+  LayerWeights out;
   for (int64_t d = 0; d < D; ++d) {
     out.w_ih.push_back(params[d * per_direction]);
     out.w_hh.push_back(params[d * per_direction + 1]);
@@ -62,7 +62,7 @@ std::tuple<at::Tensor, at::Tensor> layer_of_ops(const at::Tensor& x, const at::T
                                                 int64_t D, bool has_biases,
                                                 const c10::optional<at::Tensor>& batch_sizes,
                                                 c10::string_view activation) {
-  const LayerParameters p = layer_parameters(params, D, has_biases);
+  const LayerWeights p = layer_parameters(params, D, has_biases);
   std::vector<at::Tensor> bias;
   // Summed per direction before stacking (see FusedRNN._layer_weights: two bias leaves must not share one
   // gradient buffer).
@@ -87,8 +87,19 @@ std::tuple<at::Tensor, at::Tensor> layer_of_ops(const at::Tensor& x, const at::T
   return {h_all.view_symint(out_shape), h_last};
 }
 
+// One padded layer below autograd in eager mode: the CPU layer (cpu/layer_cpu.h) where it applies, else
+// the ATen ops. x [T, B, I] contiguous, h0 [D, B, H]; returns (output [T, B, D*H], h_last [D, B, H]).
+std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Tensor& h0, at::TensorList params,
+                                               bool has_biases, c10::string_view activation) {
+  const int64_t D = h0.size(0);
+  const LayerWeights w = layer_parameters(params, D, has_biases);
+  if (cpu_layer_applies(x, h0, w)) return cpu_layer_forward(x, h0, w, parse_activation(activation));
+  return layer_of_ops(x, h0, params, D, has_biases, c10::nullopt, activation);
+}
+
 // One padded layer as one autograd node (the header comment says why). Inputs: x [T, B, I] contiguous,
-// h0 [D, B, H], params as layer_of_ops takes them. Outputs: output [T, B, D*H] (a view of h_all), h_last.
+// h0 [D, B, H], params as layer_of_ops takes them. Outputs: output [T, B, D*H], h_last [D, B, H]. Saves x,
+// h0, the output and the weights (the biases' values are not needed for the backward).
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
@@ -97,13 +108,17 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     at::Tensor output, h_last;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, h_last) = layer_of_ops(x, h0, params, D, has_biases, c10::nullopt, activation);
+      std::tie(output, h_last) = eager_layer(x, h0, params, has_biases, activation);
     }
+    const LayerWeights w = layer_parameters(params, D, has_biases);
     std::vector<at::Tensor> saved{x, h0, output};
-    saved.insert(saved.end(), params.begin(), params.end());
+    for (int64_t d = 0; d < D; ++d) {
+      saved.push_back(w.w_ih[d]);
+      saved.push_back(w.w_hh[d]);
+    }
     ctx->save_for_backward(saved);
-    ctx->saved_data["has_biases"] = has_biases;
-    ctx->saved_data["activation"] = std::string(activation);
+    // One entry (each costs a hash-map insertion and a lookup): bit 0 has_biases, bit 1 relu.
+    ctx->saved_data["flags"] = static_cast<int64_t>(has_biases) | (parse_activation(activation) == Activation::Relu) << 1;
     ctx->set_materialize_grads(false);  // an unused output's gradient stays None: the backward op takes None
     return {output, h_last};
   }
@@ -111,45 +126,65 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = saved_variables(ctx);
     const at::Tensor &x = saved[0], &h0 = saved[1], &output = saved[2];
-    const bool has_biases = ctx->saved_data["has_biases"].toBool();
-    const std::string activation = ctx->saved_data["activation"].toStringRef();
-    const int64_t D = h0.size(0), H = h0.size(2), per_direction = has_biases ? 4 : 2;
-    const LayerParameters p =
-        layer_parameters(at::TensorList(saved).slice(3), D, has_biases);
-    bool need_w_hh = false;
-    for (int64_t d = 0; d < D; ++d) need_w_hh |= ctx->needs_input_grad(2 + d * per_direction + 1);
-    const at::Tensor h_all = output.view({x.size(0), x.size(1), D, H});
-    const at::Tensor d_out = grads[0].defined() ? grads[0].view({x.size(0), x.size(1), D, H}) : at::Tensor();
-    auto [dz, dw_hh, dh0, grad_norm] =
-        recurrence_gradients(stacked(p.w_hh), h0, h_all, c10::nullopt, activation, "none", 0.0, false, d_out,
-                             grads[1], need_w_hh);
-    const at::Tensor dz2d = dz.reshape({-1, D * H}), x2d = x.flatten(0, -2);
-    variable_list out;
-    out.push_back(ctx->needs_input_grad(0) ? dz2d.mm(concatenated(p.w_ih)).view(x.sizes()) : at::Tensor());
-    out.push_back(ctx->needs_input_grad(1) ? dh0 : at::Tensor());
-    bool need_w_ih = false, need_b = false;
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool has_biases = flags & 1;
+    const Activation act = flags & 2 ? Activation::Relu : Activation::Tanh;
+    const int64_t D = h0.size(0), per_direction = has_biases ? 4 : 2;
+    const LayerWeights w = layer_parameters(at::TensorList(saved).slice(3), D, /*has_biases=*/false);
+    LayerGradsWanted wanted{ctx->needs_input_grad(0), ctx->needs_input_grad(1), false, false, false};
     for (int64_t d = 0; d < D; ++d) {
-      need_w_ih |= ctx->needs_input_grad(2 + d * per_direction);
-      for (int64_t k = 2; k < per_direction; ++k) need_b |= ctx->needs_input_grad(2 + d * per_direction + k);
+      wanted.w_ih |= ctx->needs_input_grad(2 + d * per_direction);
+      wanted.w_hh |= ctx->needs_input_grad(2 + d * per_direction + 1);
+      for (int64_t k = 2; k < per_direction; ++k) wanted.bias |= ctx->needs_input_grad(2 + d * per_direction + k);
     }
-    const at::Tensor dw_ih = need_w_ih ? dz2d.t().mm(x2d) : at::Tensor();            // [D*H, I]
-    const at::Tensor db = has_biases && need_b ? dz2d.sum(0) : at::Tensor();         // [D*H]
+    wanted.bias &= has_biases;
+    // create_graph=True records the backward: then the ATen ops, which have derivatives.
+    const LayerGrads g = !at::GradMode::is_enabled() && cpu_layer_applies(x, h0, w)
+                             ? cpu_layer_backward(x, h0, output, w, act, grads[0], grads[1], wanted)
+                             : backward_of_ops(x, h0, output, w, act == Activation::Relu ? "relu" : "tanh",
+                                               grads[0], grads[1], wanted);
+    variable_list out{g.x, g.h0};
     for (int64_t d = 0; d < D; ++d) {
-      out.push_back(need_w_ih ? dw_ih.narrow(0, d * H, H) : at::Tensor());
-      out.push_back(need_w_hh ? dw_hh.select(0, d) : at::Tensor());
-      if (has_biases && !need_b) {
-        out.emplace_back();
-        out.emplace_back();
-      } else if (has_biases) {
-        // Two leaves, two buffers: one tensor handed to both would become both .grad (see layer_of_ops).
-        const at::Tensor db_d = db.narrow(0, d * H, H);
-        out.push_back(db_d);
-        out.push_back(db_d.clone());
+      out.push_back(wanted.w_ih ? g.w_ih[d] : at::Tensor());
+      out.push_back(wanted.w_hh ? g.w_hh[d] : at::Tensor());
+      if (has_biases) {
+        out.push_back(wanted.bias ? g.b_ih[d] : at::Tensor());
+        out.push_back(wanted.bias ? g.b_hh[d] : at::Tensor());
       }
     }
     out.emplace_back();  // has_biases
     out.emplace_back();  // activation
     return out;
+  }
+
+ private:
+  // The backward as ATen ops (differentiable: create_graph), the CPU layer's maths (cpu/layer_cpu.cpp): the
+  // recurrence's gradients (recurrence_autograd.h), then dx = dz W_ih, dW_ih = dz^T x, db = sum dz.
+  static LayerGrads backward_of_ops(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                                    const LayerWeights& w, const std::string& activation, const at::Tensor& d_output,
+                                    const at::Tensor& d_h_last, const LayerGradsWanted& wanted) {
+    const int64_t D = h0.size(0), H = h0.size(2);
+    const at::Tensor h_all = output.view({x.size(0), x.size(1), D, H});
+    const at::Tensor d_out = d_output.defined() ? d_output.view({x.size(0), x.size(1), D, H}) : at::Tensor();
+    auto [dz, dw_hh, dh0, grad_norm] = recurrence_gradients(stacked(w.w_hh), h0, h_all, c10::nullopt, activation,
+                                                            "none", 0.0, false, d_out, d_h_last, wanted.w_hh);
+    const at::Tensor dz2d = dz.reshape({-1, D * H}), x2d = x.flatten(0, -2);
+    LayerGrads g;
+    if (wanted.x) g.x = dz2d.mm(concatenated(w.w_ih)).view(x.sizes());
+    if (wanted.h0) g.h0 = dh0;
+    const at::Tensor dw_ih = wanted.w_ih ? dz2d.t().mm(x2d) : at::Tensor();  // [D*H, I]
+    const at::Tensor db = wanted.bias ? dz2d.sum(0) : at::Tensor();         // [D*H]
+    for (int64_t d = 0; d < D; ++d) {
+      if (wanted.w_ih) g.w_ih.push_back(dw_ih.narrow(0, d * H, H));
+      if (wanted.w_hh) g.w_hh.push_back(dw_hh.select(0, d));
+      if (wanted.bias) {
+        // Two leaves, two buffers: one tensor handed to both would become both .grad (see layer_of_ops).
+        const at::Tensor db_d = db.narrow(0, d * H, H);
+        g.b_ih.push_back(db_d);
+        g.b_hh.push_back(db_d.clone());
+      }
+    }
+    return g;
   }
 };
 
@@ -185,6 +220,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10:
       variable_list out = LayerFunction::apply(x, h0, layer_params, has_biases, activation);
       x = out[0];
       h_last = out[1];
+    } else if (fused_layer_nodes && !packed && !tangents && !(recording && requires_grad)) {
+      std::tie(x, h_last) = eager_layer(x, h0, layer_params, has_biases, activation);  // nothing to record
     } else {
       std::tie(x, h_last) = layer_of_ops(x, h0, layer_params, D, has_biases, batch_sizes, activation);
     }

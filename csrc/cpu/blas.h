@@ -37,4 +37,20 @@ void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int6
   }
 }
 
+// Row-major C[M, N] (ldc) = A^T B + beta * C with A [K, M] (lda) and B [K, N] (ldb), both row-major: the
+// weight gradients' sum over rows (dW = dz^T x). Column-major: C^T = B^T (A^T)^T. Every size > 0.
+template <typename T>
+void gemm_transposed_a(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t M, int64_t N,
+                       int64_t K, T beta) {
+  const int mi = static_cast<int>(N), ni = static_cast<int>(M), ki = static_cast<int>(K);
+  const int lda_i = static_cast<int>(lda), ldb_i = static_cast<int>(ldb), ldc_i = static_cast<int>(ldc);
+  const char tb = 'N', ta = 'T';
+  const T one = 1;
+  if constexpr (std::is_same_v<T, float>) {
+    sgemm_(&tb, &ta, &mi, &ni, &ki, &one, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+  } else {
+    dgemm_(&tb, &ta, &mi, &ni, &ki, &one, b, &ldb_i, a, &lda_i, &beta, c, &ldc_i);
+  }
+}
+
 }  // namespace rnn_fused

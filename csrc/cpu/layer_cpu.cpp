@@ -1,0 +1,199 @@
+// One padded layer on the CPU without ATen ops (layer_cpu.h): why and what.
+//
+// At small sizes a layer is a few microseconds of arithmetic inside ~25 ATen ops per forward and backward
+// (bias sum, addmm, views, the recurrence ops' checks and allocations, the weight gradient's mm / addmm_,
+// two GEMMs, a sum, a clone), each ~1-3 us on one core (benchmarks/NOTES.md, "Per-call latency", fifth
+// round). Here each is a BLAS call or a loop on buffers allocated once.
+//
+// Decomposition (rows = T * B, the time-major [T, B] rows of x and of h_all; directions side by side in a row):
+//   forward : xw = x W_ih^T + (b_ih + b_hh)      one GEMM over all rows and directions (W_ih of two directions
+//                                                 concatenated, [D*H, I], as layer_of_ops' at::cat)
+//             h_all, h_last = recurrence(xw)      recurrence_forward_into (cpu/recurrence_cpu.h)
+//   backward: dz, dh0 = BPTT(d_output, d_h_last)  recurrence_backward_into
+//             dx = dz W_ih                         one GEMM, K = D*H
+//             dW_ih = dz^T x                       one GEMM [D*H, I], a view per direction
+//             dW_hh[d] = dz_first^T h0[d] + dz_rest^T h_prev   two GEMMs per direction (as recurrence_weight_grad)
+//             db = sum over rows of dz             one pass (sum_rows); b_hh's gradient is a copy (two leaves, two
+//                                                 buffers)
+// Memory: xw [rows, D*H] and dz [rows, D*H] are the only scratch besides W_ih's concatenation for D = 2.
+#include "layer_cpu.h"
+
+#include "blas.h"
+#include "recurrence_cpu.h"
+
+#include <ATen/EmptyTensor.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+
+namespace rnn_fused {
+
+namespace {
+
+template <typename T>
+DirectionWeights<T> recurrent_weights(const LayerWeights& w) {
+  return {w.w_hh[0].data_ptr<T>(), w.w_hh.size() > 1 ? w.w_hh[1].data_ptr<T>() : nullptr};
+}
+
+// W_ih of every direction as one row-major [D*H, I] matrix: the tensor itself for one direction, else a
+// concatenated copy in `scratch`.
+template <typename T>
+const T* input_weights(const LayerWeights& w, std::vector<T>& scratch) {
+  if (w.w_ih.size() == 1) return w.w_ih[0].data_ptr<T>();
+  const int64_t n = w.w_ih[0].numel();
+  scratch.resize(n * w.w_ih.size());
+  for (size_t d = 0; d < w.w_ih.size(); ++d) std::memcpy(scratch.data() + d * n, w.w_ih[d].data_ptr<T>(), n * sizeof(T));
+  return scratch.data();
+}
+
+// A fresh CPU tensor, allocated without a dispatcher call (at::empty's costs ~0.3-0.5 us at T = 1, where
+// a call makes ten).
+template <typename T>
+at::Tensor cpu_empty(at::IntArrayRef sizes) {
+  return at::Tensor(at::detail::empty_cpu(sizes, c10::CppTypeToScalarType<T>::value));
+}
+
+// out[i] = sum over r < rows of m[r, i] (m row-major [rows, n]) in float64, by blocks of kBlock rows whose
+// sums are then added: the rounding error grows as kBlock + rows / kBlock, not as rows, so a bias gradient
+// over T * B = 10^5 rows is as accurate as ATen's cascade sum (the order differs, so the last bits may).
+template <typename T>
+void sum_rows(const T* m, int64_t rows, int64_t n, T* out) {
+  constexpr int64_t kBlock = 64;
+  std::vector<double> total(n, 0.0), block(n);
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
+    std::fill(block.begin(), block.end(), 0.0);
+    for (int64_t r = r0; r < std::min(r0 + kBlock, rows); ++r) {
+      const T* mr = m + r * n;
+      for (int64_t i = 0; i < n; ++i) block[i] += mr[i];
+    }
+    for (int64_t i = 0; i < n; ++i) total[i] += block[i];
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(total[i]);
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& h0, const LayerWeights& w,
+                                           Activation activation) {
+  const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), D = h0.size(0), H = h0.size(2), DH = D * H,
+                rows = T_ * B;
+  at::Tensor xw = cpu_empty<T>({T_, B, DH});
+  T* z = xw.data_ptr<T>();
+  const bool biases = !w.b_ih.empty();
+  if (biases) {  // each row starts as b_ih + b_hh, summed per direction as layer_of_ops sums them
+    std::vector<T> bias(DH);
+    for (int64_t d = 0; d < D; ++d) {
+      const T *bi = w.b_ih[d].data_ptr<T>(), *bh = w.b_hh[d].data_ptr<T>();
+      for (int64_t i = 0; i < H; ++i) bias[d * H + i] = bi[i] + bh[i];
+    }
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(z + r * DH, bias.data(), DH * sizeof(T));
+  }
+  std::vector<T> scratch;
+  gemm_rows<T>(x.data_ptr<T>(), I, input_weights<T>(w, scratch), /*transpose_m=*/true, z, DH, rows, DH, I,
+               biases ? T(1) : T(0));
+  at::Tensor output = cpu_empty<T>({T_, B, DH});
+  at::Tensor h_last = cpu_empty<T>({D, B, H});
+  recurrence_forward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), z,
+                             h0.data_ptr<T>(), output.data_ptr<T>(), h_last.data_ptr<T>());
+  return {output, h_last};
+}
+
+template <typename T>
+LayerGrads backward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output, const LayerWeights& w,
+                    Activation activation, const at::Tensor& d_output_in, const at::Tensor& d_h_last_in,
+                    const LayerGradsWanted& wanted) {
+  const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), D = h0.size(0), H = h0.size(2), DH = D * H,
+                rows = T_ * B;
+  const at::Tensor d_output = d_output_in.defined() ? d_output_in.contiguous() : at::Tensor();
+  const at::Tensor d_h_last = d_h_last_in.defined() ? d_h_last_in.contiguous() : at::Tensor();
+  at::Tensor dz_tensor = cpu_empty<T>({T_, B, DH});
+  LayerGrads g;
+  g.h0 = cpu_empty<T>({D, B, H});
+  T *dz = dz_tensor.data_ptr<T>();
+  const T *xs = x.data_ptr<T>(), *h_all = output.data_ptr<T>(), *h0s = h0.data_ptr<T>();
+  recurrence_backward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), h_all, h0s,
+                              d_output.defined() ? d_output.data_ptr<T>() : nullptr,
+                              d_h_last.defined() ? d_h_last.data_ptr<T>() : nullptr, dz, g.h0.data_ptr<T>(),
+                              BackwardOptions{}, nullptr);
+  if (!wanted.h0) g.h0 = at::Tensor();
+  if (wanted.x) {
+    std::vector<T> scratch;
+    g.x = cpu_empty<T>({T_, B, I});
+    gemm_rows<T>(dz, DH, input_weights<T>(w, scratch), /*transpose_m=*/false, g.x.data_ptr<T>(), I, rows, I, DH,
+                 T(0));
+  }
+  if (wanted.w_ih) {
+    at::Tensor dw = cpu_empty<T>({DH, I});
+    gemm_transposed_a<T>(dz, DH, xs, I, dw.data_ptr<T>(), I, DH, I, rows, T(0));
+    for (int64_t d = 0; d < D; ++d) g.w_ih.push_back(D == 1 ? dw : dw.narrow(0, d * H, H));
+  }
+  if (wanted.w_hh) {
+    for (int64_t d = 0; d < D; ++d) {
+      // Direction 0 starts at step 0 from h0 and reads h_{t-1} from the row before; direction 1 starts at
+      // step T-1 and reads h_{t+1}.
+      at::Tensor dw = cpu_empty<T>({H, H});
+      T* out = dw.data_ptr<T>();
+      const int64_t first = d == 0 ? 0 : T_ - 1;
+      gemm_transposed_a<T>(dz + first * B * DH + d * H, DH, h0s + d * B * H, H, out, H, H, H, B, T(0));
+      if (T_ > 1) {
+        const int64_t inner = d == 0 ? 1 : 0, prev = d == 0 ? 0 : 1;
+        gemm_transposed_a<T>(dz + inner * B * DH + d * H, DH, h_all + prev * B * DH + d * H, DH, out, H, H, H,
+                             (T_ - 1) * B, T(1));
+      }
+      g.w_hh.push_back(dw);
+    }
+  }
+  if (wanted.bias) {
+    at::Tensor db = cpu_empty<T>({DH});
+    sum_rows<T>(dz, rows, DH, db.data_ptr<T>());
+    for (int64_t d = 0; d < D; ++d) {
+      const at::Tensor db_d = D == 1 ? db : db.narrow(0, d * H, H);
+      g.b_ih.push_back(db_d);
+      at::Tensor copy = cpu_empty<T>({H});
+      std::memcpy(copy.data_ptr<T>(), db_d.data_ptr<T>(), H * sizeof(T));
+      g.b_hh.push_back(copy);
+    }
+  }
+  return g;
+}
+
+}  // namespace
+
+bool cpu_layer_applies(const at::Tensor& x, const at::Tensor& h0, const LayerWeights& w) {
+  const auto dtype = x.scalar_type();
+  if (!x.is_cpu() || x.dim() != 3 || h0.dim() != 3 || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (dtype == at::kFloat ? !blas_available(static_cast<float*>(nullptr)) : !blas_available(static_cast<double*>(nullptr)))
+    return false;
+  const int64_t int_max = std::numeric_limits<int>::max();
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(2);
+  if (T == 0 || B == 0 || I == 0 || H == 0 || I > int_max || T > int_max / B || h0.size(0) * H > int_max) return false;
+  // Shapes too: a parameter reassigned with a wrong shape must reach the ATen ops, which raise for it, never
+  // a BLAS call that would read past it.
+  const auto usable = [&](const at::Tensor& t, at::IntArrayRef shape) {
+    return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.sizes() == shape;
+  };
+  const int64_t D = static_cast<int64_t>(w.w_ih.size());
+  if (D < 1 || D > 2 || !usable(x, {T, B, I}) || !usable(h0, {D, B, H}) || w.w_hh.size() != w.w_ih.size())
+    return false;
+  if (w.b_ih.size() != w.b_hh.size() || (!w.b_ih.empty() && w.b_ih.size() != w.w_ih.size())) return false;
+  for (int64_t d = 0; d < D; ++d) {
+    if (!usable(w.w_ih[d], {H, I}) || !usable(w.w_hh[d], {H, H})) return false;
+    if (!w.b_ih.empty() && (!usable(w.b_ih[d], {H}) || !usable(w.b_hh[d], {H}))) return false;
+  }
+  return true;
+}
+
+std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const at::Tensor& h0,
+                                                     const LayerWeights& w, Activation activation) {
+  return x.scalar_type() == at::kFloat ? forward<float>(x, h0, w, activation) : forward<double>(x, h0, w, activation);
+}
+
+LayerGrads cpu_layer_backward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                              const LayerWeights& w, Activation activation, const at::Tensor& d_output,
+                              const at::Tensor& d_h_last, const LayerGradsWanted& wanted) {
+  return x.scalar_type() == at::kFloat
+             ? backward<float>(x, h0, output, w, activation, d_output, d_h_last, wanted)
+             : backward<double>(x, h0, output, w, activation, d_output, d_h_last, wanted);
+}
+
+}  // namespace rnn_fused

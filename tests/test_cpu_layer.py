@@ -1,0 +1,119 @@
+"""The CPU layer of the modules' eager fast path (csrc/cpu/layer_cpu.cpp: the projection GEMM, the recurrence
+kernels and the backward's GEMMs on buffers of its own, no ATen op) against nn.RNN and float64, and the calls it
+must leave to the ATen ops (create_graph, non-contiguous or wrongly shaped parameters)."""
+
+import pytest
+import torch
+from torch import nn
+
+from rnn_fused import FusedRNN, FusedRNNCell
+
+from .conftest import assert_matches
+
+# (T, B, I, H): one unit; rows (T * B) past the bias sum's block of 64 rows and not a multiple of it; H around
+# the AVX-512 step's 64-column panels; I of 1.
+SHAPES = [(1, 1, 3, 1), (37, 5, 19, 70), (3, 7, 1, 129), (2, 65, 8, 64)]
+
+
+def _pair(dtype, I, H, **kwargs):
+    torch.manual_seed(0)
+    ref = nn.RNN(I, H, dtype=torch.float64, **kwargs)
+    ours = FusedRNN(I, H, dtype=dtype, backend="cpu", **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def _run(module, x, h0, dtype, outputs=("output", "h_n")):
+    """Output, h_n and the gradients of <outputs, fixed random weights> for x, h0 and every parameter that
+    requires grad (None for one that does not)."""
+    x = x.to(dtype).requires_grad_()
+    h0 = h0.to(dtype).requires_grad_()
+    out = dict(zip(("output", "h_n"), module(x, h0)))
+    g = torch.Generator().manual_seed(1)
+    loss = sum((out[k] * torch.randn(out[k].shape, generator=g, dtype=torch.float64).to(dtype)).sum() for k in outputs)
+    leaves = [x, h0] + [p for p in module.parameters() if p.requires_grad]
+    grads = dict(zip(["x", "h0"] + [n for n, p in module.named_parameters() if p.requires_grad],
+                     torch.autograd.grad(loss, leaves)))
+    return out, grads
+
+
+def _in_float32_torch(ref):
+    copy = nn.RNN(ref.input_size, ref.hidden_size, ref.num_layers, nonlinearity=ref.nonlinearity, bias=ref.bias,
+                  bidirectional=ref.bidirectional, dtype=torch.float32)
+    copy.load_state_dict(ref.state_dict())
+    return copy
+
+
+@pytest.mark.parametrize("T,B,I,H", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bidirectional,nonlinearity,bias", [(False, "tanh", True), (True, "relu", True),
+                                                              (True, "tanh", False), (False, "relu", False)])
+def test_cpu_layer_matches_nn_rnn(T, B, I, H, dtype, bidirectional, nonlinearity, bias):
+    kwargs = dict(bidirectional=bidirectional, nonlinearity=nonlinearity, bias=bias, num_layers=2)
+    ref, ours = _pair(dtype, I, H, **kwargs)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(2 * (2 if bidirectional else 1), B, H, dtype=torch.float64)
+    expected, expected_grads = _run(ref, x, h0, torch.float64)
+    got, got_grads = _run(ours, x, h0, dtype)
+    yard, yard_grads = (None, {k: None for k in expected_grads}) if dtype == torch.float64 else \
+        _run(_in_float32_torch(ref), x, h0, torch.float32)
+    for k in expected:
+        assert_matches(got[k], expected[k], yard[k] if yard else None, name=k)
+    assert got_grads.keys() == expected_grads.keys()
+    for k in expected_grads:
+        assert_matches(got_grads[k], expected_grads[k], yard_grads[k], name=f"grad {k}")
+
+
+def test_cpu_layer_runs_no_aten_op():
+    """The fast path's CPU layer is really the one taken: its forward and backward dispatch no GEMM, no
+    recurrence op (the ATen fallback would show aten::addmm / aten::mm and rnn_fused::recurrence_*)."""
+    m = FusedRNN(6, 9, num_layers=2, bidirectional=True, backend="cpu")
+    x = torch.randn(4, 3, 6, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out, h_n = m(x)
+        (out.sum() + h_n.square().sum()).backward()
+    names = {e.name for e in prof.events()}
+    assert not {n for n in names if n.startswith("rnn_fused::recurrence") or n in ("aten::addmm", "aten::mm")}, names
+
+
+@pytest.mark.parametrize("outputs", [("output",), ("h_n",)])
+def test_cpu_layer_partial_gradients(outputs):
+    """A frozen weight and an unused output: the gradients that exist match nn.RNN's, the frozen one is None."""
+    ref, ours = _pair(torch.float64, 5, 7, bidirectional=True)
+    for m in (ref, ours):
+        m.weight_ih_l0.requires_grad_(False)
+        m.bias_hh_l0_reverse.requires_grad_(False)
+    x, h0 = torch.randn(6, 3, 5, dtype=torch.float64), torch.randn(2, 3, 7, dtype=torch.float64)
+    expected, expected_grads = _run(ref, x, h0, torch.float64, outputs)
+    got, got_grads = _run(ours, x, h0, torch.float64, outputs)
+    assert got_grads.keys() == expected_grads.keys()
+    assert "weight_ih_l0" not in got_grads and "bias_hh_l0_reverse" not in got_grads
+    for k in expected_grads:
+        assert_matches(got_grads[k], expected_grads[k], name=f"grad {k}")
+
+
+def test_non_contiguous_parameters_take_the_aten_ops():
+    """A transposed-view parameter cannot go to BLAS as it lies: the layer runs as ATen ops, same numbers."""
+    ref, ours = _pair(torch.float64, 5, 7)
+    w = torch.randn(7, 7, dtype=torch.float64).t()
+    ours.weight_hh_l0 = nn.Parameter(w)
+    ref.weight_hh_l0 = nn.Parameter(w.contiguous())
+    x, h0 = torch.randn(6, 3, 5, dtype=torch.float64), torch.randn(1, 3, 7, dtype=torch.float64)
+    expected, expected_grads = _run(ref, x, h0, torch.float64)
+    got, got_grads = _run(ours, x, h0, torch.float64)
+    for k in expected:
+        assert_matches(got[k], expected[k], name=k)
+    for k in expected_grads:
+        assert_matches(got_grads[k], expected_grads[k], name=f"grad {k}")
+
+
+@pytest.mark.parametrize("cls,name,shape", [(FusedRNN, "weight_ih_l0", (7, 4)), (FusedRNN, "weight_hh_l0", (7, 5)),
+                                            (FusedRNN, "bias_hh_l0", (6,)), (FusedRNNCell, "weight_ih", (7, 4)),
+                                            (FusedRNNCell, "weight_hh", (7, 5)), (FusedRNNCell, "bias_ih", (6,))])
+def test_wrongly_shaped_parameter_raises(cls, name, shape):
+    """A parameter reassigned with a wrong shape raises (as nn.RNN / nn.RNNCell do), never reaches BLAS."""
+    m = cls(5, 7, backend="cpu")
+    setattr(m, name, nn.Parameter(torch.randn(*shape)))
+    x = torch.randn(3, 2, 5) if cls is FusedRNN else torch.randn(2, 5)
+    with pytest.raises(RuntimeError):
+        m(x)
