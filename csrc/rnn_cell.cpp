@@ -44,15 +44,25 @@ at::Tensor cpu_step(const at::Tensor& x, const at::Tensor& h, at::TensorList par
 
 bool cpu_step_applies(const at::Tensor& x, const at::Tensor& h, at::TensorList params) {
   const auto dtype = x.scalar_type();
-  if (!x.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble) || x.numel() == 0 || h.numel() == 0) return false;
+  if (!x.is_cpu() || x.dim() != 2 || h.dim() != 2 || (dtype != at::kFloat && dtype != at::kDouble) ||
+      x.numel() == 0 || h.numel() == 0)
+    return false;
   if (dtype == at::kFloat ? !blas_available(static_cast<float*>(nullptr)) : !blas_available(static_cast<double*>(nullptr)))
     return false;
   if (!x.is_contiguous() || !h.is_contiguous()) return false;
   // BLAS takes int sizes: beyond them the ATen ops, which take int64 (as nn.RNNCell does).
   const int64_t int_max = std::numeric_limits<int>::max();
   if (x.size(0) > int_max || x.size(1) > int_max || h.size(1) > int_max) return false;
+  // Shapes too: a parameter reassigned with a wrong shape must reach the ATen ops, which raise for it, never
+  // a BLAS call that would read past it.
+  const int64_t I = x.size(1), H = h.size(1);
+  if (h.size(0) != x.size(0) || params[0].sizes() != at::IntArrayRef{H, I} ||
+      params[1].sizes() != at::IntArrayRef{H, H})
+    return false;
+  for (size_t k = 2; k < params.size(); ++k)
+    if (params[k].sizes() != at::IntArrayRef{H}) return false;
   for (const at::Tensor& p : params)
-    if (!p.is_contiguous() || p.numel() == 0) return false;
+    if (!p.is_contiguous() || p.numel() == 0 || p.scalar_type() != dtype || !p.is_cpu()) return false;
   return true;
 }
 
