@@ -6,12 +6,14 @@
 // recurrence op's machinery (schedule, kernel dispatch, a backward op and a weight-gradient op) around two
 // matrix-vector products, and its graph holds the views that make [B, I] a sequence; here a forward is two
 // BLAS calls and one loop on the CPU (four ATen ops elsewhere: the bias sum, two GEMMs, the activation) and a
-// backward about eight ATen ops (dz, four GEMMs, the bias sum and its copy).
+// backward the CPU layer's for one step (cpu/layer_cpu.h: four GEMMs and two loops; elsewhere, and for
+// create_graph, about eight ATen ops: dz, four GEMMs, the bias sum and its copy).
 // Inputs as nn.RNNCell takes them: x [B, I], h [B, H], w_ih [H, I], w_hh [H, H], b_ih, b_hh [H] (or none).
 #include "rnn_cell.h"
 
 #include "cpu/activation.h"
 #include "cpu/blas.h"
+#include "cpu/layer_cpu.h"
 #include "recurrence_autograd.h"
 
 #include <ATen/ATen.h>
@@ -95,6 +97,23 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     const variable_list saved = saved_variables(ctx);
     const at::Tensor &x = saved[0], &h = saved[1], &h_next = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const bool relu = ctx->saved_data["relu"].toBool(), has_biases = saved.size() == 7;
+    if (!at::GradMode::is_enabled() && cpu_step_applies(x, h, at::TensorList(saved).slice(3))) {
+      // The CPU layer's backward for one step (cpu/layer_cpu.h): BLAS calls, no ATen op. Not for
+      // create_graph (grad mode on): the ops below are differentiable.
+      const LayerWeights w{{w_ih}, {w_hh}, {}, {}};
+      const LayerGradsWanted wanted{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
+                                    ctx->needs_input_grad(3),
+                                    has_biases && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))};
+      const LayerGrads g = cpu_cell_backward(x, h, h_next, w, relu ? Activation::Relu : Activation::Tanh, grads[0],
+                                             wanted);
+      variable_list out{g.x, g.h0, wanted.w_ih ? g.w_ih[0] : at::Tensor(), wanted.w_hh ? g.w_hh[0] : at::Tensor()};
+      if (has_biases) {
+        out.push_back(wanted.bias ? g.b_ih[0] : at::Tensor());
+        out.push_back(wanted.bias ? g.b_hh[0] : at::Tensor());
+      }
+      out.emplace_back();  // relu
+      return out;
+    }
     // act'(z) from h' = act(z): 1 - h'^2; for relu a select, as torch's relu backward (threshold_backward:
     // an inf or NaN gradient at a unit that is off gives 0, a NaN h' passes the gradient).
     const at::Tensor dz = relu ? at::threshold_backward(grads[0], h_next, 0) : grads[0] * (1 - h_next * h_next);

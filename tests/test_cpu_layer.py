@@ -117,3 +117,46 @@ def test_wrongly_shaped_parameter_raises(cls, name, shape):
     x = torch.randn(3, 2, 5) if cls is FusedRNN else torch.randn(2, 5)
     with pytest.raises(RuntimeError):
         m(x)
+
+
+def _cell_run(cell, x, h, dtype):
+    x, h = x.to(dtype).requires_grad_(), h.to(dtype).requires_grad_()
+    out = cell(x, h)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    names = ["x", "h"] + [n for n, _ in cell.named_parameters()]
+    return out, dict(zip(names, torch.autograd.grad((out * g).sum(), [x, h, *cell.parameters()])))
+
+
+@pytest.mark.parametrize("B,I,H", [(1, 3, 1), (5, 19, 70), (7, 1, 129)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nonlinearity,bias", [("tanh", True), ("relu", False)])
+def test_cell_backward_on_the_cpu_layer_matches_nn_rnncell(B, I, H, dtype, nonlinearity, bias):
+    """FusedRNNCell's backward is the CPU layer's for one step (csrc/rnn_cell.cpp): against nn.RNNCell."""
+    torch.manual_seed(0)
+    ref = nn.RNNCell(I, H, bias=bias, nonlinearity=nonlinearity, dtype=torch.float64)
+    ours = FusedRNNCell(I, H, bias=bias, nonlinearity=nonlinearity, dtype=dtype, backend="cpu")
+    ours.load_state_dict(ref.state_dict())
+    x, h = torch.randn(B, I, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    expected, expected_grads = _cell_run(ref, x, h, torch.float64)
+    got, got_grads = _cell_run(ours, x, h, dtype)
+    yard, yard_grads = None, {k: None for k in expected_grads}
+    if dtype == torch.float32:
+        ref32 = nn.RNNCell(I, H, bias=bias, nonlinearity=nonlinearity)
+        ref32.load_state_dict(ref.state_dict())
+        yard, yard_grads = _cell_run(ref32, x, h, torch.float32)
+    assert_matches(got, expected, yard, name="h'")
+    assert got_grads.keys() == expected_grads.keys()
+    for k in expected_grads:
+        assert_matches(got_grads[k], expected_grads[k], yard_grads[k], name=f"grad {k}")
+
+
+def test_cell_backward_runs_no_aten_op():
+    """The CPU layer's backward is really the one the cell takes: no GEMM op in its backward (the ATen one
+    would run four aten::mm)."""
+    cell = FusedRNNCell(6, 9, backend="cpu")
+    x = torch.randn(3, 6, requires_grad=True)
+    h = cell(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        h.square().sum().backward()
+    names = {e.name for e in prof.events()}
+    assert not {n for n in names if n in ("aten::mm", "aten::addmm")}, names

@@ -98,17 +98,27 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   return {output, h_last};
 }
 
+// The sizes of a layer call; a cell step is the layer of T = 1, D = 1 whose x [B, I] and h0 [B, H] have
+// the layer's memory layout without the leading 1.
+struct LayerSizes {
+  int64_t T, B, I, D, H;
+};
+
+LayerSizes layer_sizes(const at::Tensor& x, const at::Tensor& h0) {
+  return {x.size(0), x.size(1), x.size(2), h0.size(0), h0.size(2)};
+}
+
+// g.x and g.h0 take the shapes of x and h0 (either form of LayerSizes).
 template <typename T>
-LayerGrads backward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output, const LayerWeights& w,
-                    Activation activation, const at::Tensor& d_output_in, const at::Tensor& d_h_last_in,
-                    const LayerGradsWanted& wanted) {
-  const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), D = h0.size(0), H = h0.size(2), DH = D * H,
-                rows = T_ * B;
+LayerGrads backward(const LayerSizes& n, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                    const LayerWeights& w, Activation activation, const at::Tensor& d_output_in,
+                    const at::Tensor& d_h_last_in, const LayerGradsWanted& wanted) {
+  const int64_t T_ = n.T, B = n.B, I = n.I, D = n.D, H = n.H, DH = D * H, rows = T_ * B;
   const at::Tensor d_output = d_output_in.defined() ? d_output_in.contiguous() : at::Tensor();
   const at::Tensor d_h_last = d_h_last_in.defined() ? d_h_last_in.contiguous() : at::Tensor();
   at::Tensor dz_tensor = cpu_empty<T>({T_, B, DH});
   LayerGrads g;
-  g.h0 = cpu_empty<T>({D, B, H});
+  g.h0 = cpu_empty<T>(h0.sizes());
   T *dz = dz_tensor.data_ptr<T>();
   const T *xs = x.data_ptr<T>(), *h_all = output.data_ptr<T>(), *h0s = h0.data_ptr<T>();
   recurrence_backward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), h_all, h0s,
@@ -118,7 +128,7 @@ LayerGrads backward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor&
   if (!wanted.h0) g.h0 = at::Tensor();
   if (wanted.x) {
     std::vector<T> scratch;
-    g.x = cpu_empty<T>({T_, B, I});
+    g.x = cpu_empty<T>(x.sizes());
     gemm_rows<T>(dz, DH, input_weights<T>(w, scratch), /*transpose_m=*/false, g.x.data_ptr<T>(), I, rows, I, DH,
                  T(0));
   }
@@ -191,9 +201,19 @@ std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const 
 LayerGrads cpu_layer_backward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
                               const LayerWeights& w, Activation activation, const at::Tensor& d_output,
                               const at::Tensor& d_h_last, const LayerGradsWanted& wanted) {
+  const LayerSizes n = layer_sizes(x, h0);
   return x.scalar_type() == at::kFloat
-             ? backward<float>(x, h0, output, w, activation, d_output, d_h_last, wanted)
-             : backward<double>(x, h0, output, w, activation, d_output, d_h_last, wanted);
+             ? backward<float>(n, x, h0, output, w, activation, d_output, d_h_last, wanted)
+             : backward<double>(n, x, h0, output, w, activation, d_output, d_h_last, wanted);
+}
+
+LayerGrads cpu_cell_backward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& h_next,
+                             const LayerWeights& w, Activation activation, const at::Tensor& d_h_next,
+                             const LayerGradsWanted& wanted) {
+  const LayerSizes n{1, x.size(0), x.size(1), 1, h.size(1)};
+  return x.scalar_type() == at::kFloat
+             ? backward<float>(n, x, h, h_next, w, activation, d_h_next, at::Tensor(), wanted)
+             : backward<double>(n, x, h, h_next, w, activation, d_h_next, at::Tensor(), wanted);
 }
 
 }  // namespace rnn_fused

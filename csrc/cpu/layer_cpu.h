@@ -45,4 +45,11 @@ LayerGrads cpu_layer_backward(const at::Tensor& x, const at::Tensor& h0, const a
                               const LayerWeights& w, Activation activation, const at::Tensor& d_output,
                               const at::Tensor& d_h_last, const LayerGradsWanted& wanted);
 
+// FusedRNNCell's backward as the layer of one step: x [B, I], h [B, H], h_next [B, H] = its output,
+// d_h_next [B, H] (undefined = zero); g.x [B, I], g.h0 [B, H] (h's gradient). The caller checks that the
+// CPU step applies (csrc/rnn_cell.cpp: the same conditions as cpu_layer_applies for T = 1, D = 1).
+LayerGrads cpu_cell_backward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& h_next,
+                             const LayerWeights& w, Activation activation, const at::Tensor& d_h_next,
+                             const LayerGradsWanted& wanted);
+
 }  // namespace rnn_fused
