@@ -585,6 +585,23 @@ def test_interleaved_rounds_give_every_provider_the_same_samples_in_shuffled_ord
     assert all(sorted(o) == ["a", "b", "c"] for o in orders) and len(orders) > 1
 
 
+def test_a_short_call_gets_more_warm_up_calls_before_each_interleaved_sample():
+    """Untimed calls before each sample fill ROUND_WARMUP_MS (one call did not absorb the previous provider's
+    penalty for ~0.1 ms calls): at least ROUND_WARMUP, at most ROUND_WARMUP_MAX."""
+    assert timing.round_warmup_calls(1e-3) == timing.ROUND_WARMUP
+    assert timing.round_warmup_calls(0.05e-3) == 6
+    assert timing.round_warmup_calls(1e-7) == timing.ROUND_WARMUP_MAX
+    log = []
+
+    def sampler(name, ms):
+        return lambda: log.append(name) or ms
+    policy = timing.TimingPolicy(warmup=1, min_repeats=5, max_repeats=5, min_time_s=0.001, max_time_s=100.0)
+    timing.measure_interleaved({"slow": sampler("slow", 10.0), "fast": sampler("fast", 0.1)}, policy)
+    turns = log[4:]  # after each provider's warm-up and two estimate calls: 5 rounds of (warm-ups, sample)
+    assert turns.count("fast") == 5 * (timing.round_warmup_calls(0.1e-3) + 1)
+    assert turns.count("slow") == 5 * (timing.ROUND_WARMUP + 1)
+
+
 def test_the_jax_worker_computes_on_one_thread_when_the_run_has_one(monkeypatch):
     peer = _peer("jax")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)

@@ -12,11 +12,15 @@ Method (benchmarks/NOTES.md, "Benchmark method"):
    On a CPU the providers of one case are timed interleaved (``measure_interleaved``): each round takes one
    sample of every provider in a fresh random order, so a drift of the shared machine (measured at 10-30%
    between providers timed one after another, issue 18) hits all of them alike; every provider gets the
-   same number of rounds, planned from the slowest one's estimate. A provider's turn is ROUND_WARMUP
-   untimed calls, then the sample: the sample right after another provider's call runs on the caches and
-   allocator that call left (measured: fwd T256 B1 H64, FusedRNN 0.17 ms timed alone, 0.27 ms as the first
-   call after the reference loop), a penalty that is no property of the provider and weighs most on the
-   shortest calls;
+   same number of rounds, planned from the slowest one's estimate. A provider's turn is untimed calls
+   (round_warmup_calls: at least ROUND_WARMUP of them, and as many as fill ROUND_WARMUP_MS by its estimate,
+   at most ROUND_WARMUP_MAX), then the sample: the sample right after another provider's call runs on the
+   caches and allocator that call left (measured: fwd T256 B1 H64, FusedRNN 0.17 ms timed alone, 0.27 ms as
+   the first call after the reference loop), a penalty that is no property of the provider and weighs most
+   on the shortest calls. One call did not absorb it for calls of ~0.1 ms: fwd+bwd T1 B1 H64 (one
+   warm-up call), nn.RNN / FusedRNN / JAX took 0.126 / 0.060 / - ms interleaved without JAX and 0.156 /
+   0.075 / 0.068 with it (in-process providers ~25% slower after the JAX worker's turn); with 3 warm-up
+   calls 0.137 / 0.063 / 0.069, with 10 0.129 / 0.059 / 0.065 (benchmarks/NOTES.md, "Benchmark method");
 4. reported: the median (robust to the odd preempted sample on a shared machine) and the 20th/80th
    percentiles as the spread, plus min, mean and the raw samples.
 """
@@ -44,7 +48,16 @@ class TimingPolicy:
 
 
 MIN_SAMPLES = 3  # below this a p20/p80 spread means nothing
-ROUND_WARMUP = 1  # untimed calls before each interleaved sample (see 3. above)
+ROUND_WARMUP = 1  # at least this many untimed calls before each interleaved sample (see 3. above)
+ROUND_WARMUP_MS = 0.3  # and as many as fill this long, by the provider's estimate
+ROUND_WARMUP_MAX = 10
+
+
+def round_warmup_calls(estimate_s: float) -> int:
+    """Untimed calls before each interleaved sample of a provider whose call takes ``estimate_s``."""
+    if estimate_s <= 0:
+        return ROUND_WARMUP_MAX
+    return max(ROUND_WARMUP, min(ROUND_WARMUP_MAX, math.ceil(ROUND_WARMUP_MS / 1e3 / estimate_s)))
 
 
 @dataclass
@@ -126,8 +139,8 @@ def cpu_sampler(fn, clock=time.perf_counter):
 def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_counter,
                         rng: random.Random | None = None) -> dict[str, Stats]:
     """CPU: time several providers of one case in rounds; ``samplers``: name -> a function taking one sample
-    (ms). Warm-up and estimate per provider, then R rounds of one turn each (ROUND_WARMUP untimed calls and
-    one sample) in a random order, with R
+    (ms). Warm-up and estimate per provider, then R rounds of one turn each (round_warmup_calls untimed
+    calls and one sample) in a random order, with R
     planned from the slowest estimate (plan_repeats) and cut short (never below MIN_SAMPLES) once the
     rounds run past ``2 * max_time_s`` per provider, as ``measure`` does for one."""
     rng = rng or random.Random(0)
@@ -145,7 +158,9 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
     if not samplers:
         return {}
     rounds = plan_repeats(max(estimates.values()), policy)
-    deadline_s = 2 * policy.max_time_s * len(samplers) * (1 + ROUND_WARMUP)
+    warm_calls = {name: round_warmup_calls(estimates[name]) for name in samplers}
+    deadline_s = 2 * policy.max_time_s * len(samplers) * (1 + ROUND_WARMUP) + sum(
+        estimates[name] * (warm_calls[name] - ROUND_WARMUP) * rounds for name in samplers)
     samples = {name: [] for name in samplers}
     order = list(samplers)
     with gc_paused():
@@ -153,7 +168,7 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
         for r in range(rounds):
             rng.shuffle(order)
             for name in order:
-                for _ in range(ROUND_WARMUP):
+                for _ in range(warm_calls[name]):
                     samplers[name]()
                 samples[name].append(samplers[name]())
             if r + 1 >= MIN_SAMPLES and clock() - start > deadline_s:
