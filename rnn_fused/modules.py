@@ -198,9 +198,10 @@ class FusedRNN(nn.RNNBase):
                                      h0, activation, self.backend)
 
     def forward(self, input, hx: Tensor | None = None):
-        fast = self._fast_forward(input, hx)
-        if fast is not None:
-            return fast
+        if _fast_path_open(self.backend, input):  # _fast_forward, inline: its frame is ~0.3 us of ~8 at T = 1
+            fast = _extension.compiled().sequence_call(self, input, hx)
+            if fast is not None:
+                return fast
         return self._general_forward(input, hx)
 
     def _fast_forward(self, input, hx: Tensor | None):
@@ -338,9 +339,10 @@ class FusedRNNCell(nn.RNNCell):
         return scripting.scriptable_twin(self)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        fast = self._fast_forward(input, hx)
-        if fast is not None:
-            return fast
+        if _fast_path_open(self.backend, input):  # _fast_forward, inline (as FusedRNN.forward)
+            fast = _extension.compiled().cell_call(self, input, hx)
+            if fast is not None:
+                return fast
         return self._general_forward(input, hx)
 
     def _fast_forward(self, input, hx: Tensor | None):
