@@ -457,6 +457,18 @@ def test_fast_path_declines_what_the_general_path_handles():
         assert m._fast_forward(x, h0) is None, "autocast"
     assert FusedRNN(5, 7, backend="reference")._fast_forward(x, h0) is None, "reference backend"
     assert FusedRNN(5, 7, backend="cpu", bptt_clip=1.0)._fast_forward(x, h0) is None, "bptt options"
+    # An attribute not of the exact type the fast path reads (it reads the instance dict: csrc/eager_call.cpp)
+    # declines; the general path reads it as Python does and the call still matches nn.RNN's contract.
+    expected = m(x, h0)
+    for attr, value in (("training", 1), ("batch_first", 0), ("num_layers", True), ("record_grad_norms", 0)):
+        old = getattr(m, attr)
+        setattr(m, attr, value)
+        try:
+            assert m._fast_forward(x, h0) is None, attr
+            for a, b in zip(m(x, h0), expected):
+                torch.testing.assert_close(a, b, msg=attr)
+        finally:
+            setattr(m, attr, old)
     m.double()
     assert m._fast_forward(x, h0) is None, "parameters of another dtype"
     cell = FusedRNNCell(5, 7, backend="cpu")
