@@ -18,6 +18,7 @@
 
 #include <ATen/autocast_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/jit/frontend/tracer.h>
 
@@ -51,13 +52,16 @@ bool same_kind(const at::Tensor& t, const at::Tensor& input) {
 
 bool plain_eager(const at::Tensor& input) {
   return !torch::jit::tracer::isTracing() && !at::autocast::is_autocast_enabled(input.device().type()) &&
+         // a TorchDispatchMode (FlopCounterMode, a logging mode): the CPU layer runs no op it could see
+         c10::impl::TorchDispatchModeTLS::stack_len() == 0 &&
          // a torch.func transform is running: functorch's front-mode key is on in this thread
          !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
 }
 
 PyObject* item(PyObject* dict, py::handle name) { return PyDict_GetItem(dict, name.ptr()); }  // borrowed
 // The interned Python string of a C string literal, made once per literal (the GIL is held): a dict lookup
-// by it costs ~20 ns, PyDict_GetItemString's temporary string ~70 ns, a dozen times per call.
+// by it costs ~20 ns, PyDict_GetItemString's temporary string ~70 ns, a dozen times per call. Keyed by the
+// pointer: string literals only, never a buffer whose contents change.
 PyObject* key(const char* literal) {
   static std::unordered_map<const char*, PyObject*> keys;
   PyObject*& k = keys[literal];
@@ -122,8 +126,11 @@ class OwnAttributes {
 // the input's kind; false if one is missing (a parametrization, an attribute that is not a parameter), None,
 // or of another dtype or device.
 template <typename Names>
-bool parameters_of(PyObject* own, const Names& names, const at::Tensor& input, std::vector<at::Tensor>& out) {
-  if (own == nullptr || !PyDict_Check(own)) return false;
+bool parameters_of(PyObject* own_borrowed, const Names& names, const at::Tensor& input, std::vector<at::Tensor>& out) {
+  if (own_borrowed == nullptr || !PyDict_Check(own_borrowed)) return false;
+  // Held for the loop: a name's __hash__ / __eq__ (a str subclass) could run Python that rebinds it.
+  const py::object held = py::reinterpret_borrow<py::object>(own_borrowed);
+  PyObject* own = held.ptr();
   for (const auto& name : names) {
     PyObject* p = item(own, name);
     if (p == nullptr || !THPVariable_CheckExact(p)) return false;  // Tensor or Parameter, not a subclass

@@ -97,7 +97,10 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     const variable_list saved = saved_variables(ctx);
     const at::Tensor &x = saved[0], &h = saved[1], &h_next = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const bool relu = ctx->saved_data["relu"].toBool(), has_biases = saved.size() == 7;
-    if (!at::GradMode::is_enabled() && cpu_step_applies(x, h, at::TensorList(saved).slice(3))) {
+    // h_next as the forward made it ([B, H] contiguous: a saved-tensor hook may hand back something else).
+    const bool saved_as_made = h_next.is_cpu() && h_next.scalar_type() == x.scalar_type() &&
+                               h_next.is_contiguous() && h_next.sizes() == h.sizes();
+    if (!at::GradMode::is_enabled() && saved_as_made && cpu_step_applies(x, h, at::TensorList(saved).slice(3))) {
       // The CPU layer's backward for one step (cpu/layer_cpu.h): BLAS calls, no ATen op. Not for
       // create_graph (grad mode on): the ops below are differentiable.
       const LayerWeights w{{w_ih}, {w_hh}, {}, {}};

@@ -139,7 +139,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     }
     wanted.bias &= has_biases;
     // create_graph=True records the backward: then the ATen ops, which have derivatives.
-    const LayerGrads g = !at::GradMode::is_enabled() && cpu_layer_applies(x, h0, w)
+    const LayerGrads g = !at::GradMode::is_enabled() && cpu_layer_backward_applies(x, h0, output, w)
                              ? cpu_layer_backward(x, h0, output, w, act, grads[0], grads[1], wanted)
                              : backward_of_ops(x, h0, output, w, act == Activation::Relu ? "relu" : "tanh",
                                                grads[0], grads[1], wanted);
@@ -164,8 +164,9 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
                                     const LayerWeights& w, const std::string& activation, const at::Tensor& d_output,
                                     const at::Tensor& d_h_last, const LayerGradsWanted& wanted) {
     const int64_t D = h0.size(0), H = h0.size(2);
-    const at::Tensor h_all = output.view({x.size(0), x.size(1), D, H});
-    const at::Tensor d_out = d_output.defined() ? d_output.view({x.size(0), x.size(1), D, H}) : at::Tensor();
+    // reshape, not view: a saved-tensor hook may have handed the output back with other strides
+    const at::Tensor h_all = output.reshape({x.size(0), x.size(1), D, H});
+    const at::Tensor d_out = d_output.defined() ? d_output.reshape({x.size(0), x.size(1), D, H}) : at::Tensor();
     auto [dz, dw_hh, dh0, grad_norm] = recurrence_gradients(stacked(w.w_hh), h0, h_all, c10::nullopt, activation,
                                                             "none", 0.0, false, d_out, d_h_last, wanted.w_hh);
     const at::Tensor dz2d = dz.reshape({-1, D * H}), x2d = x.flatten(0, -2);

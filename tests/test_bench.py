@@ -597,7 +597,7 @@ def test_a_short_call_gets_more_warm_up_calls_before_each_interleaved_sample():
         return lambda: log.append(name) or ms
     policy = timing.TimingPolicy(warmup=1, min_repeats=5, max_repeats=5, min_time_s=0.001, max_time_s=100.0)
     timing.measure_interleaved({"slow": sampler("slow", 10.0), "fast": sampler("fast", 0.1)}, policy)
-    turns = log[4:]  # after each provider's warm-up and two estimate calls: 5 rounds of (warm-ups, sample)
+    turns = log[4:]  # after each provider's warm-up call and estimate call: 5 rounds of (warm-ups, sample)
     assert turns.count("fast") == 5 * (timing.round_warmup_calls(0.1e-3) + 1)
     assert turns.count("slow") == 5 * (timing.ROUND_WARMUP + 1)
 

@@ -2,6 +2,8 @@
 kernels and the backward's GEMMs on buffers of its own, no ATen op) against nn.RNN and float64, and the calls it
 must leave to the ATen ops (create_graph, non-contiguous or wrongly shaped parameters)."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -160,3 +162,37 @@ def test_cell_backward_runs_no_aten_op():
         h.square().sum().backward()
     names = {e.name for e in prof.events()}
     assert not {n for n in names if n in ("aten::mm", "aten::addmm")}, names
+
+
+def test_a_dispatch_mode_sees_the_ops():
+    """Under a TorchDispatchMode (here FlopCounterMode) the fast path declines: the mode sees the layer's GEMM."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = FusedRNN(6, 9, backend="cpu")
+    with FlopCounterMode(display=False) as counter:
+        m(torch.randn(4, 3, 6))
+    assert counter.get_total_flops() >= 2 * 4 * 3 * 6 * 9  # the input projection at least
+
+
+@pytest.mark.parametrize("cls", [FusedRNN, FusedRNNCell])
+def test_saved_tensor_hooks_that_change_the_layout(cls):
+    """A saved-tensor hook may hand back the saved output with other strides: the backward still reads it
+    right (it leaves the CPU layer for the ATen ops)."""
+    torch.manual_seed(0)
+    m = cls(5, 7, backend="cpu", dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64) if cls is FusedRNN else torch.randn(3, 5, dtype=torch.float64)
+
+    def grads(hooks):
+        xs = x.clone().requires_grad_()
+        with hooks:
+            out = m(xs)
+        out = out[0] if isinstance(out, tuple) else out
+        return torch.autograd.grad(out.square().sum(), [xs, *m.parameters()])
+
+    def strided(t):  # same values, transposed memory
+        return t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t
+
+    plain = grads(contextlib.nullcontext())
+    hooked = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, strided))
+    for a, b in zip(plain, hooked):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

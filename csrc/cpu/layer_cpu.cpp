@@ -98,6 +98,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   return {output, h_last};
 }
 
+// An incoming gradient as plain memory: undefined for none or a ZeroTensor (both mean zero), the negation
+// and the copy made where the tensor is a lazy view (a neg-bit view, strides), itself otherwise.
+at::Tensor readable(const at::Tensor& g) {
+  if (!g.defined() || g._is_zerotensor()) return at::Tensor();
+  return (g.is_neg() ? g.resolve_neg() : g).contiguous();
+}
+
 // The sizes of a layer call; a cell step is the layer of T = 1, D = 1 whose x [B, I] and h0 [B, H] have
 // the layer's memory layout without the leading 1.
 struct LayerSizes {
@@ -114,8 +121,7 @@ LayerGrads backward(const LayerSizes& n, const at::Tensor& x, const at::Tensor& 
                     const LayerWeights& w, Activation activation, const at::Tensor& d_output_in,
                     const at::Tensor& d_h_last_in, const LayerGradsWanted& wanted) {
   const int64_t T_ = n.T, B = n.B, I = n.I, D = n.D, H = n.H, DH = D * H, rows = T_ * B;
-  const at::Tensor d_output = d_output_in.defined() ? d_output_in.contiguous() : at::Tensor();
-  const at::Tensor d_h_last = d_h_last_in.defined() ? d_h_last_in.contiguous() : at::Tensor();
+  const at::Tensor d_output = readable(d_output_in), d_h_last = readable(d_h_last_in);
   at::Tensor dz_tensor = cpu_empty<T>({T_, B, DH});
   LayerGrads g;
   g.h0 = cpu_empty<T>(h0.sizes());
@@ -191,6 +197,12 @@ bool cpu_layer_applies(const at::Tensor& x, const at::Tensor& h0, const LayerWei
     if (!w.b_ih.empty() && (!usable(w.b_ih[d], {H}) || !usable(w.b_hh[d], {H}))) return false;
   }
   return true;
+}
+
+bool cpu_layer_backward_applies(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                                const LayerWeights& w) {
+  return cpu_layer_applies(x, h0, w) && output.is_cpu() && output.scalar_type() == x.scalar_type() &&
+         output.is_contiguous() && output.sizes() == at::IntArrayRef{x.size(0), x.size(1), h0.size(0) * h0.size(2)};
 }
 
 std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const at::Tensor& h0,

@@ -23,6 +23,11 @@ struct LayerWeights {
 // BLAS of torch's build exported (cpu/blas.h).
 bool cpu_layer_applies(const at::Tensor& x, const at::Tensor& h0, const LayerWeights& w);
 
+// Whether the backward runs here: cpu_layer_applies, and the saved output as the forward made it
+// ([T, B, D*H] contiguous: a saved-tensor hook may hand back something else).
+bool cpu_layer_backward_applies(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
+                                const LayerWeights& w);
+
 // (output [T, B, D*H], h_last [D, B, H]).
 std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const at::Tensor& h0,
                                                      const LayerWeights& w, Activation activation);
