@@ -18,15 +18,13 @@
 
 #include <ATen/ATen.h>
 
-#include <limits>
-
 namespace rnn_fused {
 
 namespace {
 
-// On the CPU (float32 / float64, contiguous, every size > 0, BLAS exported): two BLAS calls into a fresh
-// buffer and one pass for the biases and the activation (activation.h's, as the CPU kernels), no ATen op but
-// the allocation: the four ATen ops below cost ~2-3 us each at B = 1, H = 64, more than the arithmetic.
+// On the CPU (where cpu_cell_applies: cpu/layer_cpu.h's rule, for the layer of one step): two BLAS calls into
+// a fresh buffer and one pass for the biases and the activation (activation.h's, as the CPU kernels), no ATen
+// op but the allocation: the four ATen ops below cost ~2-3 us each at B = 1, H = 64, more than the arithmetic.
 template <typename T>
 at::Tensor cpu_step(const at::Tensor& x, const at::Tensor& h, at::TensorList params, bool relu) {
   const int64_t B = x.size(0), I = x.size(1), H = h.size(1);
@@ -44,33 +42,19 @@ at::Tensor cpu_step(const at::Tensor& x, const at::Tensor& h, at::TensorList par
   return out;
 }
 
-bool cpu_step_applies(const at::Tensor& x, const at::Tensor& h, at::TensorList params) {
-  const auto dtype = x.scalar_type();
-  if (!x.is_cpu() || x.dim() != 2 || h.dim() != 2 || (dtype != at::kFloat && dtype != at::kDouble) ||
-      x.numel() == 0 || h.numel() == 0)
-    return false;
-  if (dtype == at::kFloat ? !blas_available(static_cast<float*>(nullptr)) : !blas_available(static_cast<double*>(nullptr)))
-    return false;
-  if (!x.is_contiguous() || !h.is_contiguous()) return false;
-  // BLAS takes int sizes: beyond them the ATen ops, which take int64 (as nn.RNNCell does).
-  const int64_t int_max = std::numeric_limits<int>::max();
-  if (x.size(0) > int_max || x.size(1) > int_max || h.size(1) > int_max) return false;
-  // Shapes too: a parameter reassigned with a wrong shape must reach the ATen ops, which raise for it, never
-  // a BLAS call that would read past it.
-  const int64_t I = x.size(1), H = h.size(1);
-  if (h.size(0) != x.size(0) || params[0].sizes() != at::IntArrayRef{H, I} ||
-      params[1].sizes() != at::IntArrayRef{H, H})
-    return false;
-  for (size_t k = 2; k < params.size(); ++k)
-    if (params[k].sizes() != at::IntArrayRef{H}) return false;
-  for (const at::Tensor& p : params)
-    if (!p.is_contiguous() || p.numel() == 0 || p.scalar_type() != dtype || !p.is_cpu()) return false;
-  return true;
+// The cell's parameters (w_ih, w_hh[, b_ih, b_hh]) as the layer of one direction.
+LayerWeights cell_weights(at::TensorList params) {
+  LayerWeights w{{params[0]}, {params[1]}, {}, {}};
+  if (params.size() == 4) {
+    w.b_ih.push_back(params[2]);
+    w.b_hh.push_back(params[3]);
+  }
+  return w;
 }
 
 // z = x W_ih^T + b_ih + b_hh + h W_hh^T, then act(z) in place.
 at::Tensor step(const at::Tensor& x, const at::Tensor& h, at::TensorList params, bool relu) {
-  if (cpu_step_applies(x, h, params))
+  if (cpu_cell_applies(x, h, cell_weights(params)))
     return x.scalar_type() == at::kFloat ? cpu_step<float>(x, h, params, relu) : cpu_step<double>(x, h, params, relu);
   at::Tensor z = params.size() == 4 ? at::addmm(params[2] + params[3], x, params[0].t()) : at::mm(x, params[0].t());
   z.addmm_(h, params[1].t());
@@ -97,13 +81,10 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
     const variable_list saved = saved_variables(ctx);
     const at::Tensor &x = saved[0], &h = saved[1], &h_next = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const bool relu = ctx->saved_data["relu"].toBool(), has_biases = saved.size() == 7;
-    // h_next as the forward made it ([B, H] contiguous: a saved-tensor hook may hand back something else).
-    const bool saved_as_made = h_next.is_cpu() && h_next.scalar_type() == x.scalar_type() &&
-                               h_next.is_contiguous() && h_next.sizes() == h.sizes();
-    if (!at::GradMode::is_enabled() && saved_as_made && cpu_step_applies(x, h, at::TensorList(saved).slice(3))) {
+    const LayerWeights w = cell_weights(at::TensorList(saved).slice(3));
+    if (!at::GradMode::is_enabled() && cpu_cell_backward_applies(x, h, h_next, w)) {
       // The CPU layer's backward for one step (cpu/layer_cpu.h): BLAS calls, no ATen op. Not for
       // create_graph (grad mode on): the ops below are differentiable.
-      const LayerWeights w{{w_ih}, {w_hh}, {}, {}};
       const LayerGradsWanted wanted{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
                                     ctx->needs_input_grad(3),
                                     has_biases && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))};

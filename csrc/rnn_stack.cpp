@@ -88,13 +88,12 @@ std::tuple<at::Tensor, at::Tensor> layer_of_ops(const at::Tensor& x, const at::T
 }
 
 // One padded layer below autograd in eager mode: the CPU layer (cpu/layer_cpu.h) where it applies, else
-// the ATen ops. x [T, B, I] contiguous, h0 [D, B, H]; returns (output [T, B, D*H], h_last [D, B, H]).
+// the ATen ops. x [T, B, I] contiguous, h0 [D, B, H], w = layer_parameters(params, ...); returns (output
+// [T, B, D*H], h_last [D, B, H]).
 std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Tensor& h0, at::TensorList params,
-                                               bool has_biases, c10::string_view activation) {
-  const int64_t D = h0.size(0);
-  const LayerWeights w = layer_parameters(params, D, has_biases);
+                                               const LayerWeights& w, bool has_biases, c10::string_view activation) {
   if (cpu_layer_applies(x, h0, w)) return cpu_layer_forward(x, h0, w, parse_activation(activation));
-  return layer_of_ops(x, h0, params, D, has_biases, c10::nullopt, activation);
+  return layer_of_ops(x, h0, params, h0.size(0), has_biases, c10::nullopt, activation);
 }
 
 // One padded layer as one autograd node (the header comment says why). Inputs: x [T, B, I] contiguous,
@@ -105,12 +104,12 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
                                at::TensorList params, bool has_biases, c10::string_view activation) {
     const int64_t D = h0.size(0);
+    const LayerWeights w = layer_parameters(params, D, has_biases);
     at::Tensor output, h_last;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, h_last) = eager_layer(x, h0, params, has_biases, activation);
+      std::tie(output, h_last) = eager_layer(x, h0, params, w, has_biases, activation);
     }
-    const LayerWeights w = layer_parameters(params, D, has_biases);
     std::vector<at::Tensor> saved{x, h0, output};
     for (int64_t d = 0; d < D; ++d) {
       saved.push_back(w.w_ih[d]);
@@ -221,8 +220,9 @@ std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10:
       variable_list out = LayerFunction::apply(x, h0, layer_params, has_biases, activation);
       x = out[0];
       h_last = out[1];
-    } else if (fused_layer_nodes && !packed && !tangents && !(recording && requires_grad)) {
-      std::tie(x, h_last) = eager_layer(x, h0, layer_params, has_biases, activation);  // nothing to record
+    } else if (fused_layer_nodes && !packed && !tangents) {  // nothing to record
+      std::tie(x, h_last) =
+          eager_layer(x, h0, layer_params, layer_parameters(layer_params, D, has_biases), has_biases, activation);
     } else {
       std::tie(x, h_last) = layer_of_ops(x, h0, layer_params, D, has_biases, batch_sizes, activation);
     }

@@ -115,6 +115,8 @@ LayerSizes layer_sizes(const at::Tensor& x, const at::Tensor& h0) {
   return {x.size(0), x.size(1), x.size(2), h0.size(0), h0.size(2)};
 }
 
+LayerSizes cell_sizes(const at::Tensor& x, const at::Tensor& h) { return {1, x.size(0), x.size(1), 1, h.size(1)}; }
+
 // g.x and g.h0 take the shapes of x and h0 (either form of LayerSizes).
 template <typename T>
 LayerGrads backward(const LayerSizes& n, const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
@@ -175,34 +177,64 @@ LayerGrads backward(const LayerSizes& n, const at::Tensor& x, const at::Tensor& 
 
 }  // namespace
 
-bool cpu_layer_applies(const at::Tensor& x, const at::Tensor& h0, const LayerWeights& w) {
+namespace {
+
+// The one rule of what BLAS may read as it lies, for a layer of sizes n whose x and h0 have the shapes
+// x_shape and h0_shape (the layer's [T, B, I] / [D, B, H], or the cell's [B, I] / [B, H]): every tensor on
+// the CPU, float32 or float64 alike, contiguous, of exactly its shape, no size 0, rows (T * B), I and D * H
+// within int (BLAS takes int), and the BLAS of torch's build exported (cpu/blas.h). Shapes too: a parameter
+// reassigned with a wrong shape must reach the ATen ops, which raise for it, never a BLAS call that would
+// read past it.
+bool applies(const LayerSizes& n, const at::Tensor& x, at::IntArrayRef x_shape, const at::Tensor& h0,
+             at::IntArrayRef h0_shape, const LayerWeights& w) {
   const auto dtype = x.scalar_type();
-  if (!x.is_cpu() || x.dim() != 3 || h0.dim() != 3 || (dtype != at::kFloat && dtype != at::kDouble)) return false;
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
   if (dtype == at::kFloat ? !blas_available(static_cast<float*>(nullptr)) : !blas_available(static_cast<double*>(nullptr)))
     return false;
   const int64_t int_max = std::numeric_limits<int>::max();
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(2);
-  if (T == 0 || B == 0 || I == 0 || H == 0 || I > int_max || T > int_max / B || h0.size(0) * H > int_max) return false;
-  // Shapes too: a parameter reassigned with a wrong shape must reach the ATen ops, which raise for it, never
-  // a BLAS call that would read past it.
+  if (n.T == 0 || n.B == 0 || n.I == 0 || n.H == 0 || n.I > int_max || n.T > int_max / n.B || n.D * n.H > int_max)
+    return false;
   const auto usable = [&](const at::Tensor& t, at::IntArrayRef shape) {
     return t.is_cpu() && t.scalar_type() == dtype && t.is_contiguous() && t.sizes() == shape;
   };
-  const int64_t D = static_cast<int64_t>(w.w_ih.size());
-  if (D < 1 || D > 2 || !usable(x, {T, B, I}) || !usable(h0, {D, B, H}) || w.w_hh.size() != w.w_ih.size())
-    return false;
+  if (n.D < 1 || n.D > 2 || !usable(x, x_shape) || !usable(h0, h0_shape)) return false;
+  if (static_cast<int64_t>(w.w_ih.size()) != n.D || w.w_hh.size() != w.w_ih.size()) return false;
   if (w.b_ih.size() != w.b_hh.size() || (!w.b_ih.empty() && w.b_ih.size() != w.w_ih.size())) return false;
-  for (int64_t d = 0; d < D; ++d) {
-    if (!usable(w.w_ih[d], {H, I}) || !usable(w.w_hh[d], {H, H})) return false;
-    if (!w.b_ih.empty() && (!usable(w.b_ih[d], {H}) || !usable(w.b_hh[d], {H}))) return false;
+  for (int64_t d = 0; d < n.D; ++d) {
+    if (!usable(w.w_ih[d], {n.H, n.I}) || !usable(w.w_hh[d], {n.H, n.H})) return false;
+    if (!w.b_ih.empty() && (!usable(w.b_ih[d], {n.H}) || !usable(w.b_hh[d], {n.H}))) return false;
   }
   return true;
 }
 
+// The saved output as the forward made it (a saved-tensor hook may hand back other strides).
+bool as_made(const at::Tensor& output, const at::Tensor& x, at::IntArrayRef shape) {
+  return output.is_cpu() && output.scalar_type() == x.scalar_type() && output.is_contiguous() &&
+         output.sizes() == shape;
+}
+
+}  // namespace
+
+bool cpu_layer_applies(const at::Tensor& x, const at::Tensor& h0, const LayerWeights& w) {
+  if (x.dim() != 3 || h0.dim() != 3) return false;
+  const LayerSizes n = layer_sizes(x, h0);
+  return applies(n, x, {n.T, n.B, n.I}, h0, {static_cast<int64_t>(w.w_ih.size()), n.B, n.H}, w);
+}
+
 bool cpu_layer_backward_applies(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
                                 const LayerWeights& w) {
-  return cpu_layer_applies(x, h0, w) && output.is_cpu() && output.scalar_type() == x.scalar_type() &&
-         output.is_contiguous() && output.sizes() == at::IntArrayRef{x.size(0), x.size(1), h0.size(0) * h0.size(2)};
+  return cpu_layer_applies(x, h0, w) && as_made(output, x, {x.size(0), x.size(1), h0.size(0) * h0.size(2)});
+}
+
+bool cpu_cell_applies(const at::Tensor& x, const at::Tensor& h, const LayerWeights& w) {
+  if (x.dim() != 2 || h.dim() != 2) return false;
+  const LayerSizes n = cell_sizes(x, h);
+  return applies(n, x, {n.B, n.I}, h, {n.B, n.H}, w);
+}
+
+bool cpu_cell_backward_applies(const at::Tensor& x, const at::Tensor& h, const at::Tensor& h_next,
+                               const LayerWeights& w) {
+  return cpu_cell_applies(x, h, w) && as_made(h_next, x, h.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const at::Tensor& h0,
@@ -222,7 +254,7 @@ LayerGrads cpu_layer_backward(const at::Tensor& x, const at::Tensor& h0, const a
 LayerGrads cpu_cell_backward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& h_next,
                              const LayerWeights& w, Activation activation, const at::Tensor& d_h_next,
                              const LayerGradsWanted& wanted) {
-  const LayerSizes n{1, x.size(0), x.size(1), 1, h.size(1)};
+  const LayerSizes n = cell_sizes(x, h);
   return x.scalar_type() == at::kFloat
              ? backward<float>(n, x, h, h_next, w, activation, d_h_next, at::Tensor(), wanted)
              : backward<double>(n, x, h, h_next, w, activation, d_h_next, at::Tensor(), wanted);

@@ -50,9 +50,15 @@ LayerGrads cpu_layer_backward(const at::Tensor& x, const at::Tensor& h0, const a
                               const LayerWeights& w, Activation activation, const at::Tensor& d_output,
                               const at::Tensor& d_h_last, const LayerGradsWanted& wanted);
 
+// The same rules for FusedRNNCell's step, the layer of one step: x [B, I], h [B, H], w of one direction;
+// for the backward also h' [B, H] (its output) as the forward made it.
+bool cpu_cell_applies(const at::Tensor& x, const at::Tensor& h, const LayerWeights& w);
+bool cpu_cell_backward_applies(const at::Tensor& x, const at::Tensor& h, const at::Tensor& h_next,
+                               const LayerWeights& w);
+
 // FusedRNNCell's backward as the layer of one step: x [B, I], h [B, H], h_next [B, H] = its output,
-// d_h_next [B, H] (undefined = zero); g.x [B, I], g.h0 [B, H] (h's gradient). The caller checks that the
-// CPU step applies (csrc/rnn_cell.cpp: the same conditions as cpu_layer_applies for T = 1, D = 1).
+// d_h_next [B, H] (undefined = zero); g.x [B, I], g.h0 [B, H] (h's gradient). The caller checks
+// cpu_cell_backward_applies.
 LayerGrads cpu_cell_backward(const at::Tensor& x, const at::Tensor& h, const at::Tensor& h_next,
                              const LayerWeights& w, Activation activation, const at::Tensor& d_h_next,
                              const LayerGradsWanted& wanted);
