@@ -11,6 +11,7 @@
 // torch.export and the backend choice are checked on the Python side before (dynamo cannot trace into here).
 // The maths is the stack op's (csrc/rnn_stack.cpp) for FusedRNN, called directly, each layer recorded as one
 // autograd node (its LayerFunction) when something requires grad; the cell's step is csrc/rnn_cell.cpp.
+#include "cpu/scratch_cpu.h"
 #include "rnn_cell.h"
 #include "rnn_stack.h"
 
@@ -222,4 +223,6 @@ py::object cell_call(py::handle module, py::handle input_obj, py::handle hx_obj)
 PYBIND11_MODULE(_C, m) {
   m.def("sequence_call", &rnn_fused::sequence_call);
   m.def("cell_call", &rnn_fused::cell_call);
+  m.def("kept_scratch_bytes", &rnn_fused::kept_scratch_bytes,
+        "Bytes of CPU-layer scratch the calling thread keeps between calls (cpu/scratch_cpu.h); for tests.");
 }

@@ -196,3 +196,84 @@ def test_saved_tensor_hooks_that_change_the_layout(cls):
     hooked = grads(torch.autograd.graph.saved_tensors_hooks(lambda t: t, strided))
     for a, b in zip(plain, hooked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def _in_a_new_thread(fn):
+    """fn's result, run in a thread of its own (whose kept scratch starts empty)."""
+    import threading
+    result = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_the_thread_keeps_the_layers_scratch_between_calls():
+    """The layer's temporaries (xw, dz [T, B, D*H]) come from one buffer the thread keeps
+    (csrc/cpu/scratch_cpu.h): allocated and freed per call, glibc handed them back to the kernel, and a
+    fwd+bwd at T128 B64 H256 took ~2,250 page faults (benchmarks/NOTES.md, "Page faults")."""
+    from rnn_fused import _C
+    T, B, H = 9, 7, 33
+    model = FusedRNN(H, H, backend="cpu", bidirectional=True)
+    x, h0 = torch.randn(T, B, H, requires_grad=True), torch.randn(2, B, H, requires_grad=True)
+
+    def kept_after_calls():
+        kept = [_C.kept_scratch_bytes()]
+        for _ in range(2):
+            out, h_n = model(x, h0)
+            kept.append(_C.kept_scratch_bytes())
+            torch.autograd.grad((out.sum(), h_n.sum()), [x, h0, *model.parameters()])
+            kept.append(_C.kept_scratch_bytes())
+        return kept
+
+    assert _in_a_new_thread(kept_after_calls) == [0] + [T * B * 2 * H * 4] * 4
+
+
+def test_a_temporary_above_the_bound_is_not_kept():
+    """At most 64 MiB stay with a thread; past that each call allocates its own."""
+    from rnn_fused import _C
+    T, B, H = 1024, 64, 260  # xw 68 MB
+    model = FusedRNN(1, H, backend="cpu")
+
+    def kept_after_calls():
+        with torch.no_grad():
+            model(torch.randn(2, B, 1))
+            small = _C.kept_scratch_bytes()
+            out, _ = model(torch.randn(T, B, 1))
+            return small, _C.kept_scratch_bytes(), out
+
+    small, after, out = _in_a_new_thread(kept_after_calls)
+    assert small == after == 2 * B * H * 4
+    assert torch.isfinite(out).all()
+
+
+def test_threads_running_the_layer_at_once_match_one_alone():
+    """Each thread leases its own scratch: two threads at different shapes, interleaved, give the results of
+    each alone, bit for bit."""
+    import threading
+
+    def problem(T, B, H, seed):
+        torch.manual_seed(seed)
+        return FusedRNN(H, H, backend="cpu"), torch.randn(T, B, H), torch.randn(1, B, H)
+
+    def work(model, x, h0):
+        x, h0 = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        out, h_n = model(x, h0)
+        return [out, h_n, *torch.autograd.grad((out * out).sum() + h_n.sum(), [x, h0, *model.parameters()])]
+
+    problems = [problem(40, 9, 70, 0), problem(23, 31, 129, 1)]
+    alone = [work(*p) for p in problems]
+    together = [None, None]
+
+    def run(i):
+        together[i] = [work(*problems[i]) for _ in range(20)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for result in together[i]:
+            for got, expected in zip(result, alone[i]):
+                assert torch.equal(got, expected)

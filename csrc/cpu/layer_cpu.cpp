@@ -15,11 +15,13 @@
 //             dW_hh[d] = dz_first^T h0[d] + dz_rest^T h_prev   two GEMMs per direction (as recurrence_weight_grad)
 //             db = sum over rows of dz             one pass (sum_rows); b_hh's gradient is a copy (two leaves, two
 //                                                 buffers)
-// Memory: xw [rows, D*H] and dz [rows, D*H] are the only scratch besides W_ih's concatenation for D = 2.
+// Memory: xw [rows, D*H] and dz [rows, D*H] are the only scratch besides W_ih's concatenation for D = 2,
+// both leased from the thread's kept buffer (cpu/scratch_cpu.h), so a repeated call touches no fresh pages.
 #include "layer_cpu.h"
 
 #include "blas.h"
 #include "recurrence_cpu.h"
+#include "scratch_cpu.h"
 
 #include <ATen/EmptyTensor.h>
 
@@ -77,8 +79,8 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            Activation activation) {
   const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), D = h0.size(0), H = h0.size(2), DH = D * H,
                 rows = T_ * B;
-  at::Tensor xw = cpu_empty<T>({T_, B, DH});
-  T* z = xw.data_ptr<T>();
+  const ScratchLease xw(rows * DH * sizeof(T));  // [T, B, D*H]
+  T* z = xw.as<T>();
   const bool biases = !w.b_ih.empty();
   if (biases) {  // each row starts as b_ih + b_hh, summed per direction as layer_of_ops sums them
     std::vector<T> bias(DH);
@@ -124,10 +126,10 @@ LayerGrads backward(const LayerSizes& n, const at::Tensor& x, const at::Tensor& 
                     const at::Tensor& d_h_last_in, const LayerGradsWanted& wanted) {
   const int64_t T_ = n.T, B = n.B, I = n.I, D = n.D, H = n.H, DH = D * H, rows = T_ * B;
   const at::Tensor d_output = readable(d_output_in), d_h_last = readable(d_h_last_in);
-  at::Tensor dz_tensor = cpu_empty<T>({T_, B, DH});
+  const ScratchLease dz_scratch(rows * DH * sizeof(T));  // [T, B, D*H]
   LayerGrads g;
   g.h0 = cpu_empty<T>(h0.sizes());
-  T *dz = dz_tensor.data_ptr<T>();
+  T* dz = dz_scratch.as<T>();
   const T *xs = x.data_ptr<T>(), *h_all = output.data_ptr<T>(), *h0s = h0.data_ptr<T>();
   recurrence_backward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), h_all, h0s,
                               d_output.defined() ? d_output.data_ptr<T>() : nullptr,
