@@ -158,6 +158,23 @@ def test_gate_reports_a_wrong_provider_failed_and_does_not_time_it(mode):
         assert "grad" in status["wrong-grad"].reason
 
 
+@pytest.mark.parametrize("mode", C.MODES)
+def test_the_timed_call_names_its_results_only_when_the_gate_reads_them(mode, monkeypatch):
+    """The gate's dict (and the train mode's detaches) is built after the clock, on first read of
+    ``tensors``: the timed call returns raw results."""
+    case = dataclasses.replace(TINY, mode=mode)
+    wl = workload.build(case)
+    model, params = P.TorchRNN().build(wl)
+    result = workload.make_call(wl, model, params, mode)()
+    named = []
+    pack = result._pack
+    monkeypatch.setattr(result, "_pack", lambda *raw: named.append(1) or pack(*raw), raising=False)
+    assert not named
+    tensors = result.tensors
+    assert named == [1] and result.tensors is tensors
+    assert {"output", "h_n"} <= set(tensors) and ("grad input" in tensors) == (mode == "train")
+
+
 def test_gate_bound_scales_with_torch_error():
     ref = {"output": torch.zeros(3, dtype=torch.float64)}
     yard = gate.Yardstick(ref, {"output": 1e-3}, "cpu")

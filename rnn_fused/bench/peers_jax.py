@@ -210,12 +210,12 @@ class Jax(Provider):
             out = worker.ask("call")
             if case.mode == "forward":
                 y, h_n = out
-                return CallResult({"output": torch.from_numpy(y), "h_n": torch.from_numpy(h_n)})
+                return CallResult(dict, {"output": torch.from_numpy(y), "h_n": torch.from_numpy(h_n)})
             (y, h_n), (g_x, g_h0, g_params) = out
             tensors = {"output": torch.from_numpy(y), "h_n": torch.from_numpy(h_n),
                        "grad input": torch.from_numpy(g_x), "grad h0": torch.from_numpy(g_h0)}
             tensors.update({f"grad {n}": torch.from_numpy(g_params[n]) for n in names})
-            return CallResult(tensors)
+            return CallResult(dict, tensors)
         return call
 
     def sampler(self, call):

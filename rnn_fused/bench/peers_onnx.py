@@ -114,6 +114,11 @@ def feeds(workload: Workload) -> dict[str, np.ndarray]:
             **{f"h0_l{k}": np.ascontiguousarray(h0[k * D:(k + 1) * D]) for k in range(workload.case.num_layers)}}
 
 
+def _as_tensors(out: np.ndarray, h_n: np.ndarray) -> dict[str, torch.Tensor]:
+    """The graph's outputs by the gate's names (after the clock: workload.CallResult)."""
+    return {"output": torch.from_numpy(out), "h_n": torch.from_numpy(h_n)}
+
+
 class OnnxRuntime(Provider):
     name = "onnxruntime"
 
@@ -128,8 +133,7 @@ class OnnxRuntime(Provider):
         inputs = feeds(workload)
 
         def call():
-            out, h_n = session.run(["output", "h_n"], inputs)
-            return CallResult({"output": torch.from_numpy(out), "h_n": torch.from_numpy(h_n)})
+            return CallResult(_as_tensors, *session.run(["output", "h_n"], inputs))
         return call
 
 
@@ -156,8 +160,7 @@ class OpenVINO(Provider):
 
         def call():
             results = request.infer(inputs)
-            out, h_n = (results[name] for name in ("output", "h_n"))
-            return CallResult({"output": torch.from_numpy(out), "h_n": torch.from_numpy(h_n)})
+            return CallResult(_as_tensors, results["output"], results["h_n"])
         return call
 
 

@@ -102,10 +102,21 @@ def _with_grad(x):
     return x.detach().requires_grad_()
 
 
-@dataclass
 class CallResult:
-    """What the gate compares: outputs, and in train mode the gradients, by name."""
-    tensors: dict[str, torch.Tensor]
+    """What the gate compares: outputs, and in train mode the gradients, by name. A timed call returns its raw
+    results and how to name them (``pack(*raw) -> {name: tensor}``); the naming runs when ``tensors`` is first
+    read, after the clock has stopped, so no provider is charged for the suite's bookkeeping (at a T=1
+    fwd+bwd the dict and detaches were ~3 us of ~55, while the JAX worker's clock never covered its own)."""
+    __slots__ = ("_pack", "_raw", "_tensors")
+
+    def __init__(self, pack, *raw):
+        self._pack, self._raw, self._tensors = pack, raw, None
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._tensors is None:
+            self._tensors, self._raw = self._pack(*self._raw), None
+        return self._tensors
 
 
 def make_call(workload: Workload, model, params: dict[str, torch.Tensor], mode: str):
@@ -113,21 +124,28 @@ def make_call(workload: Workload, model, params: dict[str, torch.Tensor], mode: 
     if mode == "forward":
         x, h0 = workload.x, workload.h0
 
+        def pack(out, h_n):
+            return {"output": _data(out), "h_n": h_n}
+
         def call():
             with torch.no_grad():
                 out, h_n = model(x, h0)
-            return CallResult({"output": _data(out), "h_n": h_n})
+            return CallResult(pack, out, h_n)
         return call
 
     x, h0 = _with_grad(workload.x), workload.h0.detach().requires_grad_()
     names = list(params)
     leaves = [_data(x), h0] + [params[n] for n in names]
 
-    def call():
-        out, h_n = model(x, h0)
-        grads = torch.autograd.grad((_data(out), h_n), leaves, (workload.g_out, workload.g_h),
-                                    allow_unused=True)
+    grad_outputs = (workload.g_out, workload.g_h)
+
+    def pack(out, h_n, grads):
         tensors = {"output": _data(out).detach(), "h_n": h_n.detach(), "grad input": grads[0], "grad h0": grads[1]}
         tensors.update({f"grad {n}": g for n, g in zip(names, grads[2:])})
-        return CallResult(tensors)
+        return tensors
+
+    def call():
+        out, h_n = model(x, h0)
+        return CallResult(pack, out, h_n, torch.autograd.grad((_data(out), h_n), leaves, grad_outputs,
+                                                              allow_unused=True))
     return call
