@@ -24,6 +24,7 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 
 #include <array>
+#include <optional>
 #include <unordered_map>
 #include <string>
 
@@ -32,12 +33,26 @@ namespace {
 
 namespace py = pybind11;
 
+// Other Python threads run while the kernels do, as with any torch op called from Python, but for a CPU call
+// of fewer multiply-adds than this (~2-4 us of arithmetic on one core): releasing and taking back the GIL
+// costs ~0.3-0.4 us (CPython's take_gil: a mutex and a condition variable), ~10% of a T=1 B=1 H=64 forward,
+// more than another thread would gain. A CUDA call always releases it.
+constexpr int64_t kGilReleaseMinMacs = int64_t(1) << 16;
+
+bool releases_gil(const at::Tensor& input, int64_t macs) { return !input.is_cpu() || macs >= kGilReleaseMinMacs; }
+
+// Multiply-adds of a padded stack's forward: per layer and direction T * B * H * (layer input + H).
+int64_t stack_macs(int64_t T, int64_t B, int64_t I, int64_t H, int64_t num_layers, bool bidirectional) {
+  const int64_t D = bidirectional ? 2 : 1;
+  return T * B * H * D * ((I + H) + (num_layers - 1) * (D * H + H));
+}
+
 std::tuple<at::Tensor, at::Tensor> stack_op(const at::Tensor& input, const at::Tensor& hx,
                                             const std::vector<at::Tensor>& params, bool has_biases,
                                             int64_t num_layers, bool bidirectional, double dropout, bool train,
-                                            bool batch_first, c10::string_view activation) {
-  // Other Python threads run while the kernels do, as with any torch op called from Python.
-  py::gil_scoped_release no_gil;
+                                            bool batch_first, c10::string_view activation, int64_t macs) {
+  std::optional<py::gil_scoped_release> released;
+  if (releases_gil(input, macs)) released.emplace();
   return rnn_stack(input, c10::nullopt, hx, params, has_biases, num_layers, bidirectional, dropout, train,
                    batch_first, activation, /*fused_layer_nodes=*/true);
 }
@@ -177,7 +192,8 @@ py::object sequence_call(py::handle module, py::handle input_obj, py::handle hx_
     hx = *given;
   }
   auto [output, h_n] = stack_op(*input, hx, params, *bias, *num_layers, *bidirectional, *dropout, *training,
-                                *batch_first, activation);
+                                *batch_first, activation,
+                                stack_macs(T, B, *input_size, *hidden_size, *num_layers, *bidirectional));
   return py::make_tuple(output, h_n);
 }
 
@@ -209,7 +225,8 @@ py::object cell_call(py::handle module, py::handle input_obj, py::handle hx_obj)
   }
   at::Tensor h_next;
   {
-    py::gil_scoped_release no_gil;  // as in stack_op
+    std::optional<py::gil_scoped_release> released;  // as in stack_op
+    if (releases_gil(*input, B * hidden_size * (*input_size + hidden_size))) released.emplace();
     h_next = cell_step(*input, hx, params, relu);
   }
   return py::cast(h_next);

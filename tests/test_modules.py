@@ -475,3 +475,33 @@ def test_fast_path_declines_what_the_general_path_handles():
     for name, (inp, hx) in {"unbatched": (torch.randn(5), None), "hx": (torch.randn(3, 5), torch.randn(2, 7)),
                             "input_size": (torch.randn(3, 4), None)}.items():
         assert cell._fast_forward(inp, hx) is None, f"cell {name}"
+
+
+@pytest.mark.parametrize("cls", ["FusedRNN", "FusedRNNCell"])
+def test_a_long_fast_path_call_lets_other_threads_run(cls):
+    """The fast path releases the GIL around a call of >= 2^16 multiply-adds (csrc/eager_call.cpp; below that
+    it keeps it: releasing costs ~0.3 us). Another thread counting meanwhile must not stall for the call."""
+    import threading
+    import time
+    torch.manual_seed(0)
+    if cls == "FusedRNN":
+        module, args = FusedRNN(256, 256, backend="cpu"), (torch.randn(1500, 16, 256),)
+    else:
+        module, args = FusedRNNCell(1024, 1024, backend="cpu"), (torch.randn(3072, 1024),)
+
+    def run():
+        with torch.no_grad():
+            module(*args)
+
+    started = time.perf_counter()
+    run()
+    alone = time.perf_counter() - started
+    worker = threading.Thread(target=run)
+    stamps = [time.perf_counter()]
+    worker.start()
+    while worker.is_alive():
+        stamps.append(time.perf_counter())
+    worker.join()
+    longest_stall = max(b - a for a, b in zip(stamps, stamps[1:]))
+    assert alone > 0.04  # long against the interpreter's 5 ms switch interval
+    assert longest_stall < alone / 2, (longest_stall, alone)
