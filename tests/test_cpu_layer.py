@@ -209,9 +209,10 @@ def _in_a_new_thread(fn):
 
 
 def test_the_thread_keeps_the_layers_scratch_between_calls():
-    """The layer's temporaries (xw, dz [T, B, D*H]) come from one buffer the thread keeps
-    (csrc/cpu/scratch_cpu.h): allocated and freed per call, glibc handed them back to the kernel, and a
-    fwd+bwd at T128 B64 H256 took ~2,250 page faults (benchmarks/NOTES.md, "Page faults")."""
+    """The backward's dz [T, B, D*H] comes from one buffer the thread keeps (csrc/cpu/scratch_cpu.h):
+    allocated and freed per call, glibc handed it back to the kernel, and with the forward's xw a fwd+bwd at
+    T128 B64 H256 took ~2,250 page faults (benchmarks/NOTES.md, "Page faults"). The forward needs none: xw is
+    made in the output's memory."""
     from rnn_fused import _C
     T, B, H = 9, 7, 33
     model = FusedRNN(H, H, backend="cpu", bidirectional=True)
@@ -226,25 +227,28 @@ def test_the_thread_keeps_the_layers_scratch_between_calls():
             kept.append(_C.kept_scratch_bytes())
         return kept
 
-    assert _in_a_new_thread(kept_after_calls) == [0] + [T * B * 2 * H * 4] * 4
+    dz = T * B * 2 * H * 4
+    assert _in_a_new_thread(kept_after_calls) == [0, 0, dz, dz, dz]
 
 
 def test_a_temporary_above_the_bound_is_not_kept():
     """At most 64 MiB stay with a thread; past that each call allocates its own."""
     from rnn_fused import _C
-    T, B, H = 1024, 64, 260  # xw 68 MB
+    T, B, H = 1024, 64, 260  # dz 68 MB
     model = FusedRNN(1, H, backend="cpu")
 
     def kept_after_calls():
-        with torch.no_grad():
-            model(torch.randn(2, B, 1))
-            small = _C.kept_scratch_bytes()
-            out, _ = model(torch.randn(T, B, 1))
-            return small, _C.kept_scratch_bytes(), out
+        kept = []
+        for t in (2, T):
+            x = torch.randn(t, B, 1, requires_grad=True)
+            out, _ = model(x)
+            grad, = torch.autograd.grad(out.sum(), x)
+            kept.append(_C.kept_scratch_bytes())
+        return kept, grad
 
-    small, after, out = _in_a_new_thread(kept_after_calls)
-    assert small == after == 2 * B * H * 4
-    assert torch.isfinite(out).all()
+    kept, grad = _in_a_new_thread(kept_after_calls)
+    assert kept == [2 * B * H * 4] * 2
+    assert torch.isfinite(grad).all()
 
 
 def test_threads_running_the_layer_at_once_match_one_alone():

@@ -15,8 +15,9 @@
 //             dW_hh[d] = dz_first^T h0[d] + dz_rest^T h_prev   two GEMMs per direction (as recurrence_weight_grad)
 //             db = sum over rows of dz             one pass (sum_rows); b_hh's gradient is a copy (two leaves, two
 //                                                 buffers)
-// Memory: xw [rows, D*H] and dz [rows, D*H] are the only scratch besides W_ih's concatenation for D = 2,
-// both leased from the thread's kept buffer (cpu/scratch_cpu.h), so a repeated call touches no fresh pages.
+// Memory: the forward makes xw in the output's memory and runs the recurrence in place over it (no buffer
+// besides the output); the backward's dz [rows, D*H] is leased from the thread's kept scratch
+// (cpu/scratch_cpu.h), so a repeated call touches no fresh pages for it; W_ih's concatenation for D = 2.
 #include "layer_cpu.h"
 
 #include "blas.h"
@@ -79,8 +80,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                                            Activation activation) {
   const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), D = h0.size(0), H = h0.size(2), DH = D * H,
                 rows = T_ * B;
-  const ScratchLease xw(rows * DH * sizeof(T));  // [T, B, D*H]
-  T* z = xw.as<T>();
+  // xw [T, B, D*H] is made in the output's memory and the recurrence runs in place over it.
+  at::Tensor output = cpu_empty<T>({T_, B, DH});
+  T* z = output.data_ptr<T>();
   const bool biases = !w.b_ih.empty();
   if (biases) {  // each row starts as b_ih + b_hh, summed per direction as layer_of_ops sums them
     std::vector<T> bias(DH);
@@ -93,10 +95,9 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   std::vector<T> scratch;
   gemm_rows<T>(x.data_ptr<T>(), I, input_weights<T>(w, scratch), /*transpose_m=*/true, z, DH, rows, DH, I,
                biases ? T(1) : T(0));
-  at::Tensor output = cpu_empty<T>({T_, B, DH});
   at::Tensor h_last = cpu_empty<T>({D, B, H});
   recurrence_forward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), z,
-                             h0.data_ptr<T>(), output.data_ptr<T>(), h_last.data_ptr<T>());
+                             h0.data_ptr<T>(), z, h_last.data_ptr<T>());
   return {output, h_last};
 }
 

@@ -12,7 +12,8 @@
 //   large steps, and every step of a call too short to repay a copy of W_hh: one BLAS GEMM (the
 //     sgemm_/dgemm_ that torch's own BLAS exports; if none is exported, the hand-written loop), then one
 //     activation pass over the rows.
-// Memory: h_all is both the output and the recurrent state (h_{t-1} is read in place); the only scratch is
+// Memory: h_all is both the output and the recurrent state (h_{t-1} is read in place), and may be xw itself
+// (every loop reads a step's xw_t before it writes h_t over it; the CPU layer runs so); the only scratch is
 // one copy of W_hh per call for the forward (W_hh^T [D, H, H], or the AVX-512 step's packed W_hh^T) and the
 // carried gradient [D, B, H] for the backward, allocated once per call, never per step.
 // Floor: 2*rows*H*H flops per step plus one pass over xw_t and h_t; for tiny H the per-step cost is a few
@@ -48,10 +49,11 @@ constexpr int64_t kBlasMinFlops = 96 * 1024;
 // ---- the hand-written step ------------------------------------------------------------------------------
 
 // out[i] = act(bias[i] + sum_j v[j] * m[j, i]) for i < H, m row-major [H, H] (so m = W^T gives W v).
-// Register tile of kTile outputs: 256 bytes, eight AVX2 registers of independent FMA chains.
+// Register tile of kTile outputs: 256 bytes, eight AVX2 registers of independent FMA chains. bias may be out
+// (the in-place forward): each tile reads its bias before it writes its outputs.
 template <typename T, bool kApplyActivation>
-RNN_FUSED_INLINE void row_times_matrix(const T* __restrict m, int64_t H, const T* __restrict v,
-                                       const T* __restrict bias, T* __restrict out, Activation act) {
+RNN_FUSED_INLINE void row_times_matrix(const T* __restrict m, int64_t H, const T* __restrict v, const T* bias,
+                                       T* out, Activation act) {
   constexpr int64_t kTile = 256 / sizeof(T);
   int64_t i0 = 0;
   for (; i0 + kTile <= H; i0 += kTile) {
@@ -292,7 +294,8 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
                              h_t + s.carried * rs, rs, s.rows - s.carried, true, p.activation);
       }
     } else if (v.w_t == nullptr || use_blas<T>(s.rows, H)) {  // no W_hh^T: all_steps_blas
-      for (int64_t r = 0; r < s.rows; ++r) std::memcpy(h_t + r * rs, xw_t + r * rs, H * sizeof(T));
+      if (xw != h_all)
+        for (int64_t r = 0; r < s.rows; ++r) std::memcpy(h_t + r * rs, xw_t + r * rs, H * sizeof(T));
       if (s.carried > 0) gemm_rows<T>(h_prev, rs, v.w, /*transpose_m=*/true, h_t, rs, s.carried, H, H, T(1));
       if (s.rows > s.carried)
         gemm_rows<T>(v.h0 + s.carried * H, H, v.w, true, h_t + s.carried * rs, rs, s.rows - s.carried, H, H,

@@ -1,11 +1,12 @@
-// The CPU layer's per-call temporaries (the forward's xw and the backward's dz, [T * B, D * H] each) from
-// one buffer that each thread keeps between calls.
+// The CPU layer's per-call temporary (the backward's dz, [T * B, D * H]) from one buffer that each thread
+// keeps between calls.
 //
-// Why: such a temporary is as large as the layer's output (8 MiB at T=128 B=64 H=256 fp32). Allocated and
+// Why: it is as large as the layer's output (8 MiB at T=128 B=64 H=256 fp32). Allocated and
 // freed per call, glibc hands the top of its heap back to the kernel whenever the freed memory there passes
 // its trim threshold (twice the largest block it has mmapped, so 16 MiB here), and the next call takes a
-// page fault per 4 KiB it touches again: ~2,250 faults per fwd+bwd at that shape, which made it 1.37-1.46x
-// of its GEMM floor against 1.14-1.15x with glibc's trimming switched off (benchmarks/NOTES.md, "Page
+// page fault per 4 KiB it touches again: ~2,250 faults per fwd+bwd at that shape (when the forward's xw was
+// a temporary too: it is now made in the output), which made it 1.37-1.46x of its GEMM floor against
+// 1.14-1.15x with glibc's trimming switched off (benchmarks/NOTES.md, "Page
 // faults"). Keeping scratch between calls is what oneDNN's scratchpad and MKL's own GEMM buffers do.
 // Bound: at most kKeptScratchBytes stay with a thread; a larger temporary is allocated and freed per call, as
 // is one taken while the thread's buffer is already leased.
