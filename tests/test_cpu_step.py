@@ -78,6 +78,24 @@ def test_step_edges_match_the_reference(H, B, D, packed, activation):
         assert_matches(a, r, y, name=f"H={H} B={B} {name}")
 
 
+# A call shorter than 16 steps does not pack W_hh: its forward steps below BLAS's size take the dot-product
+# step (step_avx512.cpp, rows_times_transposed), 16 outputs at a time: H around 16 and the panels, B of 1 and 3
+# (rows * H * H below the BLAS threshold at every H here).
+@pytest.mark.parametrize("H", [1, 15, 16, 17, 63, 64, 65, 129])
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("D,packed", [(1, False), (2, True)], ids=["padded", "packed-bidirectional"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_short_call_steps_match_the_reference(H, B, T, D, packed, activation):
+    xw, w_hh, h0, bs = _problem(T, B, H, D, packed)
+    ref = _forward_backward("reference", xw, w_hh, h0, bs, activation, None, None)
+    f32 = [t.float() for t in (xw, w_hh, h0)] + [bs]
+    ours = _forward_backward("cpu", *f32, activation, None, None)
+    torch_own = _forward_backward("reference", *f32, activation, None, None)
+    for name, a, r, y in zip(["h_all", "h_last"], ours, ref, torch_own):
+        assert_matches(a, r, y, name=f"T={T} H={H} B={B} {name}")
+
+
 def _run_with_avx512(switch: str, *args: str, timeout: int = 300) -> str:
     """``python args...`` in the checkout with RNN_FUSED_CPU_AVX512=switch; its stdout (it must succeed)."""
     env = dict(os.environ, RNN_FUSED_CPU_AVX512=switch)
@@ -105,6 +123,10 @@ def test_the_avx512_step_is_the_one_taken_where_the_cpu_has_it():
             "h, hl = torch.ops.rnn_fused.recurrence_forward(xw, w, h0, None, 'tanh')\n"
             "dz, _, _ = torch.ops.rnn_fused.recurrence_backward(w, h, h0, torch.ones_like(h), None, None, 'tanh')\n"
             "print(h.double().sum().item().hex(), dz.double().sum().item().hex())\n")
-    on, off = _run_with_avx512("1", "-c", code).split(), _run_with_avx512("0", "-c", code).split()
+    short = ("xw = torch.randn(5, 2, 1, 64, generator=g); w = torch.randn(1, 64, 64, generator=g) / 8\n"
+             "h, _ = torch.ops.rnn_fused.recurrence_forward(xw, w, torch.randn(1, 2, 64, generator=g), None, 'tanh')\n"
+             "print(h.double().sum().item().hex())\n")
+    on, off = _run_with_avx512("1", "-c", code + short).split(), _run_with_avx512("0", "-c", code + short).split()
     assert on[0] != off[0], "forward: the same bits with the AVX-512 step on and off"
     assert on[1] != off[1], "backward: the same bits with the AVX-512 step on and off"
+    assert on[2] != off[2], "a short call's forward (the dot-product step): the same bits on and off"

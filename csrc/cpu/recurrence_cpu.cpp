@@ -11,7 +11,8 @@
 //     before storing, so z never goes to memory;
 //   large steps, and every step of a call too short to repay a copy of W_hh: one BLAS GEMM (the
 //     sgemm_/dgemm_ that torch's own BLAS exports; if none is exported, the hand-written loop), then one
-//     activation pass over the rows.
+//     activation pass over the rows; but in such a call a float32 step below BLAS's size on an AVX-512 CPU
+//     takes the AVX-512 dot-product step, which reads W_hh as it lies (small_step_reads_w_hh).
 // Memory: h_all is both the output and the recurrent state (h_{t-1} is read in place), and may be xw itself
 // (every loop reads a step's xw_t before it writes h_t over it; the CPU layer runs so); the only scratch is
 // one copy of W_hh per call for the forward (W_hh^T [D, H, H], or the AVX-512 step's packed W_hh^T) and the
@@ -235,6 +236,15 @@ bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
          (!forward || copy_of_w_pays(p));
 }
 
+// Whether a forward step that has no copy of W_hh (no_copy: all_steps_blas) and is below BLAS's size takes
+// the AVX-512 dot-product step (step_avx512.h, rows_times_transposed) instead of BLAS: float32 on an AVX-512
+// CPU. MKL's sgemv costs ~0.3 us of setup per call where the step is ~0.05 us of arithmetic (T = 1, B = 1,
+// H = 64: benchmarks/NOTES.md, "Per-call latency", sixth round).
+template <typename T>
+bool small_step_reads_w_hh(bool no_copy, int64_t rows, int64_t H) {
+  return std::is_same_v<T, float> && no_copy && !use_blas<T>(rows, H) && avx512::available();
+}
+
 // W_hh^T per direction in the AVX-512 step's packed layout, [D, packed_floats(H)].
 at::Tensor packed_w_hh_t(const RecurrenceProblem& p, const DirectionWeights<float>& w_hh) {
   const int64_t size = avx512::packed_floats(p.H);
@@ -292,6 +302,14 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
         if (s.rows > s.carried)
           avx512::rows_times(v.step_matrix, H, v.h0 + s.carried * H, H, xw_t + s.carried * rs, rs,
                              h_t + s.carried * rs, rs, s.rows - s.carried, true, p.activation);
+      }
+    } else if (small_step_reads_w_hh<T>(v.w_t == nullptr, s.rows, H)) {
+      if constexpr (std::is_same_v<T, float>) {
+        if (s.carried > 0)
+          avx512::rows_times_transposed(v.w, H, h_prev, rs, xw_t, rs, h_t, rs, s.carried, p.activation);
+        if (s.rows > s.carried)
+          avx512::rows_times_transposed(v.w, H, v.h0 + s.carried * H, H, xw_t + s.carried * rs, rs,
+                                        h_t + s.carried * rs, rs, s.rows - s.carried, p.activation);
       }
     } else if (v.w_t == nullptr || use_blas<T>(s.rows, H)) {  // no W_hh^T: all_steps_blas
       if (xw != h_all)

@@ -5,6 +5,8 @@
 // panel, the rows go in blocks of up to kRowBlock = 6, and a block's 6 x 64 outputs are 24 zmm accumulators
 // that live in registers for the whole k loop: per k, four loads of m and one broadcast per row feed 24
 // FMAs. The activation is applied to the block while it is in L1, right after it is stored.
+// Small forward steps of short calls (rows_times_transposed): one row at a time, 16 outputs at a time, each a
+// dot product of a row of W_hh with h (16 accumulators, reduced at the end): no packed copy, no BLAS call.
 // Memory: m is read as it lies (the backward's W_hh: row-major, nothing copied) or from the packed W_hh^T of
 // the forward, [ceil(H / 64), H, 64], made once per call, each panel contiguous (one 256-byte run per k). A
 // panel (H * 256 bytes: 32 KB at H = 128) stays in L1/L2 while every row block of the step reads it.
@@ -144,7 +146,45 @@ RNN_FUSED_AVX512 void rows_times_impl(const StepMatrix& m, int64_t H, const floa
   }
 }
 
+// Outputs [n0, n0 + 16) of one row before the activation, by dot products: 16 zmm accumulators, one per
+// output, over k by 16 lanes (the last 16 masked), reduced at the end. Output rows of m past H - 1 read row
+// H - 1 (valid memory) and are not stored.
+RNN_FUSED_AVX512 inline void dots16(const float* __restrict m, int64_t H, int64_t n0, const float* __restrict x,
+                                    const float* init, float* out) {
+  const int64_t k_full = H / 16 * 16;
+  const __mmask16 k_tail = __mmask16((1u << (H - k_full)) - 1);
+  const float* row[16];
+  for (int j = 0; j < 16; ++j) row[j] = m + std::min(n0 + j, H - 1) * H;
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_full; k += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + k);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(row[j] + k), xv, acc[j]);
+  }
+  if (k_tail) {
+    const __m512 xv = _mm512_maskz_loadu_ps(k_tail, x + k_full);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k_tail, row[j] + k_full), xv, acc[j]);
+  }
+  const int64_t n = std::min<int64_t>(16, H - n0);
+  for (int64_t j = 0; j < n; ++j) out[n0 + j] = init[n0 + j] + _mm512_reduce_add_ps(acc[j]);
+}
+
+RNN_FUSED_AVX512 void rows_times_transposed_impl(const float* m, int64_t H, const float* in, int64_t in_stride,
+                                                 const float* init, int64_t init_stride, float* out,
+                                                 int64_t out_stride, int64_t rows, Activation act) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* __restrict o = out + r * out_stride;
+    for (int64_t n0 = 0; n0 < H; n0 += 16) dots16(m, H, n0, in + r * in_stride, init + r * init_stride, o);
+    for (int64_t i = 0; i < H; ++i) o[i] = activate(o[i], act);  // as block's: vectorised, the row in L1
+  }
+}
+
 }  // namespace
+
+void rows_times_transposed(const float* m, int64_t H, const float* in, int64_t in_stride, const float* init,
+                           int64_t init_stride, float* out, int64_t out_stride, int64_t rows, Activation act) {
+  rows_times_transposed_impl(m, H, in, in_stride, init, init_stride, out, out_stride, rows, act);
+}
 
 bool available() {
   // RNN_FUSED_CPU_AVX512=0 turns it off, so the portable loops can be tested and timed on an AVX-512 CPU.
@@ -168,6 +208,11 @@ bool available() { return false; }
 
 void rows_times(const StepMatrix&, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                 bool, Activation) {
+  TORCH_INTERNAL_ASSERT(false, "rnn_fused: the AVX-512 step is not built for this architecture");
+}
+
+void rows_times_transposed(const float*, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
+                           int64_t, Activation) {
   TORCH_INTERNAL_ASSERT(false, "rnn_fused: the AVX-512 step is not built for this architecture");
 }
 

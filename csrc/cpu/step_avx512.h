@@ -38,5 +38,12 @@ StepMatrix pack_transposed(const float* m, int64_t H, float* packed);
 void rows_times(const StepMatrix& m, int64_t H, const float* in, int64_t in_stride, const float* init,
                 int64_t init_stride, float* out, int64_t out_stride, int64_t rows, bool activation, Activation act);
 
+// out[r, n] = act(init[r, n] + sum_k in[r, k] m[n, k]) for r < rows, n < H, m row-major [H, H] read as it
+// lies (so m = W_hh gives W_hh h with no packed copy): the forward's small steps in a call too short to repay
+// packing W_hh^T, where BLAS's matrix-vector call costs ~0.3 us of setup for 4 K multiply-adds at H = 64.
+// A dot product per output: sums in another order than rows_times. init may be out, never in.
+void rows_times_transposed(const float* m, int64_t H, const float* in, int64_t in_stride, const float* init,
+                           int64_t init_stride, float* out, int64_t out_stride, int64_t rows, Activation act);
+
 }  // namespace avx512
 }  // namespace rnn_fused
