@@ -39,18 +39,19 @@ namespace py = pybind11;
 // more than another thread would gain. A CUDA call always releases it.
 constexpr int64_t kGilReleaseMinMacs = int64_t(1) << 16;
 
-bool releases_gil(const at::Tensor& input, int64_t macs) { return !input.is_cpu() || macs >= kGilReleaseMinMacs; }
+bool releases_gil(const at::Tensor& input, double macs) { return !input.is_cpu() || macs >= kGilReleaseMinMacs; }
 
-// Multiply-adds of a padded stack's forward: per layer and direction T * B * H * (layer input + H).
-int64_t stack_macs(int64_t T, int64_t B, int64_t I, int64_t H, int64_t num_layers, bool bidirectional) {
-  const int64_t D = bidirectional ? 2 : 1;
-  return T * B * H * D * ((I + H) + (num_layers - 1) * (D * H + H));
+// Multiply-adds of a padded stack's forward: per layer and direction T * B * H * (layer input + H). In
+// double, so sizes whose product passes int64 still count as large.
+double stack_macs(int64_t T, int64_t B, int64_t I, int64_t H, int64_t num_layers, bool bidirectional) {
+  const double D = bidirectional ? 2 : 1;
+  return double(T) * B * H * D * ((I + H) + double(num_layers - 1) * (D * H + H));
 }
 
 std::tuple<at::Tensor, at::Tensor> stack_op(const at::Tensor& input, const at::Tensor& hx,
                                             const std::vector<at::Tensor>& params, bool has_biases,
                                             int64_t num_layers, bool bidirectional, double dropout, bool train,
-                                            bool batch_first, c10::string_view activation, int64_t macs) {
+                                            bool batch_first, c10::string_view activation, double macs) {
   std::optional<py::gil_scoped_release> released;
   if (releases_gil(input, macs)) released.emplace();
   return rnn_stack(input, c10::nullopt, hx, params, has_biases, num_layers, bidirectional, dropout, train,
@@ -226,7 +227,7 @@ py::object cell_call(py::handle module, py::handle input_obj, py::handle hx_obj)
   at::Tensor h_next;
   {
     std::optional<py::gil_scoped_release> released;  // as in stack_op
-    if (releases_gil(*input, B * hidden_size * (*input_size + hidden_size))) released.emplace();
+    if (releases_gil(*input, double(B) * hidden_size * (*input_size + hidden_size))) released.emplace();
     h_next = cell_step(*input, hx, params, relu);
   }
   return py::cast(h_next);

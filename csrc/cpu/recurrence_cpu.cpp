@@ -2,8 +2,8 @@
 //
 // Decomposition: the directions of a layer are independent and run in parallel (at::parallel_for over
 // D); inside a direction the T steps are sequential. Each step multiplies the live rows' previous states
-// by W_hh and adds the precomputed input projection xw_t, by one of three loops chosen per call (the rules:
-// copy_of_w_pays, all_steps_blas, use_avx512_step below):
+// by W_hh and adds the precomputed input projection xw_t, by one of four loops chosen per call (the rules:
+// copy_of_w_pays, all_steps_blas, use_avx512_step, small_step_reads_w_hh below):
 //   float32 on an AVX-512 CPU: the AVX-512 step (step_avx512.cpp), a 6-row x 64-column register tile with
 //     the projection add and the activation fused, reading a packed W_hh^T (forward) or W_hh (backward);
 //   otherwise, small steps (rows*H*H below kBlasMinFlops): a hand-written matrix-vector loop per row that
@@ -276,7 +276,7 @@ at::Tensor transposed(const RecurrenceProblem& p, const DirectionWeights<T>& w_h
 template <typename T>
 struct DirectionView {
   const T* w;   // W_hh[d]   [H, H]
-  const T* w_t; // W_hh[d]^T [H, H]  (forward only; null when every step goes to BLAS or the AVX-512 step)
+  const T* w_t; // W_hh[d]^T [H, H]  (forward only; null in a call of all_steps_blas or the AVX-512 step)
   // What the AVX-512 step multiplies by (W_hh[d]^T packed for the forward, W_hh[d] for the backward);
   // data is null when the call does not take it (always for double).
   avx512::StepMatrix step_matrix;

@@ -16,8 +16,9 @@ namespace rnn_fused {
 template <typename T>
 using DirectionWeights = std::array<const T*, 2>;
 
-// h_all and h_last from xw (the input projection with both biases added) and h0. xw may be h_all: the
-// recurrence then runs in place, each step's h_t written over its xw_t.
+// h_all and h_last from xw (the input projection with both biases added) and h0. xw may be h_all itself
+// (the same pointer, never a partial overlap): the recurrence then runs in place, each step's h_t written
+// over its xw_t.
 template <typename T>
 void recurrence_forward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* xw, const T* h0,
                              T* h_all, T* h_last);

@@ -8,8 +8,8 @@
 // a temporary too: it is now made in the output), which made it 1.37-1.46x of its GEMM floor against
 // 1.14-1.15x with glibc's trimming switched off (benchmarks/NOTES.md, "Page
 // faults"). Keeping scratch between calls is what oneDNN's scratchpad and MKL's own GEMM buffers do.
-// Bound: at most kKeptScratchBytes stay with a thread; a larger temporary is allocated and freed per call, as
-// is one taken while the thread's buffer is already leased.
+// Bound: at most kKeptScratchBytes stay with each thread that has run a CPU backward, until the thread ends;
+// a larger temporary is allocated and freed per call, as is one taken while the thread's buffer is leased.
 #pragma once
 
 #include <cstddef>

@@ -147,7 +147,7 @@ RNN_FUSED_AVX512 void rows_times_impl(const StepMatrix& m, int64_t H, const floa
 }
 
 // Outputs [n0, n0 + 16) of one row before the activation, by dot products: 16 zmm accumulators, one per
-// output, over k by 16 lanes (the last 16 masked), reduced at the end. Output rows of m past H - 1 read row
+// output, over k by 16 lanes (the last H % 16 lanes masked), reduced at the end. Output rows of m past H - 1 read row
 // H - 1 (valid memory) and are not stored.
 RNN_FUSED_AVX512 inline void dots16(const float* __restrict m, int64_t H, int64_t n0, const float* __restrict x,
                                     const float* init, float* out) {
@@ -173,9 +173,9 @@ RNN_FUSED_AVX512 void rows_times_transposed_impl(const float* m, int64_t H, cons
                                                  const float* init, int64_t init_stride, float* out,
                                                  int64_t out_stride, int64_t rows, Activation act) {
   for (int64_t r = 0; r < rows; ++r) {
-    float* __restrict o = out + r * out_stride;
+    float* o = out + r * out_stride;  // may be init's row (the in-place forward): no __restrict
     for (int64_t n0 = 0; n0 < H; n0 += 16) dots16(m, H, n0, in + r * in_stride, init + r * init_stride, o);
-    for (int64_t i = 0; i < H; ++i) o[i] = activate(o[i], act);  // as block's: vectorised, the row in L1
+    for (int64_t i = 0; i < H; ++i) o[i] = activate(o[i], act);  // the row in L1, as block's activation pass
   }
 }
 
