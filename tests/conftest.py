@@ -31,6 +31,17 @@ if hasattr(getattr(torch.backends.cudnn, "rnn", None), "fp32_precision"):
 # this reason (they are never skipped).
 EXTENSION_ERROR = _extension.load()
 
+
+
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 

@@ -20,14 +20,9 @@ assert EXTENSION_ERROR is None, EXTENSION_ERROR
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: with threads to spare, BLAS-sized steps go to BLAS instead (recurrence_cpu.cpp,
-    use_avx512_step), and these tests are about the AVX-512 step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread: with threads to spare, BLAS-sized steps go to BLAS instead (recurrence_cpu.cpp, use_avx512_step),
+# and these tests are about the AVX-512 step.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cpu_has_avx512() -> bool:

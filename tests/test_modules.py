@@ -478,21 +478,13 @@ def test_fast_path_declines_what_the_general_path_handles():
 
 
 @pytest.mark.parametrize("cls", ["FusedRNN", "FusedRNNCell"])
-def test_a_long_fast_path_call_lets_other_threads_run(cls):
+def test_a_long_fast_path_call_lets_other_threads_run(cls, one_thread):
     """The fast path releases the GIL around a call of >= 2^16 multiply-adds (csrc/eager_call.cpp; below that
-    it keeps it: releasing costs ~0.3 us). Another thread counting meanwhile must not stall for the call."""
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the call's length must not shrink with a machine's core count
-    try:
-        _check_other_threads_run(cls)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_other_threads_run(cls):
+    it keeps it: releasing costs ~0.3 us). Another thread counting meanwhile must not stall for the call. One
+    torch thread, so the call's length does not shrink with a machine's core count."""
     import threading
     import time
+    torch.manual_seed(0)
     if cls == "FusedRNN":
         module, args = FusedRNN(256, 256, backend="cpu"), (torch.randn(1500, 16, 256),)
     else:

@@ -27,7 +27,7 @@ ScratchLease::ScratchLease(size_t bytes) : data_(nullptr), owned_(false) {
     owned_ = true;
     return;
   }
-  if (kept.bytes < bytes) {
+  if (kept.bytes < bytes) {  // grow: emptied first, so an allocation that throws leaves nothing dangling
     if (kept.data) c10::free_cpu(kept.data);
     kept.data = nullptr;
     kept.bytes = 0;
