@@ -8,11 +8,17 @@ i.e. the gradient of ``<output, g_out> + <h_n, g_h>`` into the input, h0 and eve
 loss the suite's torch call differentiates (workload.py). Packed input is skipped (JAX has no packed
 sequences; masking would be a different computation).
 
-Why a worker process: XLA reads its threading flags (XLA_FLAGS: ``--xla_cpu_multi_thread_eigen=false
-intra_op_parallelism_threads=N``) once, when jax initialises its CPU backend, and keeps its own thread
-pools; in the suite's process they would be set for the whole run and XLA's pools would sit next to
-torch's. The worker sets them before importing jax, so nothing leaks into torch, and it is started once
-per run and reused for every case (starting Python and importing jax costs seconds).
+Why a worker process: XLA reads its threading flag (XLA_FLAGS: ``--xla_cpu_multi_thread_eigen``) once, when
+jax initialises its CPU backend, and keeps its own thread pools; in the suite's process they would sit next
+to torch's. The worker sets the flag before importing jax, so nothing leaks into torch, and it is started
+once per run and reused for every case (starting Python and importing jax costs seconds).
+
+Why the worker pins its CPU affinity: the flags do not bound XLA's threads. jax 0.10 sizes its CPU thread
+pool from the CPUs the process may run on and splits a large dot over it whatever the flags say (measured
+on 2 cores: a jit of ``tanh(a @ w.T)``, a [8192, 256] x [256, 256], took 1.89 s of CPU per second with
+``--xla_cpu_multi_thread_eigen=false``, and 1.0 with the affinity set; JAX's maintainers name the affinity
+as the way to limit it, jax-ml/jax#1539). So ``serve`` restricts itself to ``threads`` of its CPUs before
+importing jax, and every row records the cores a provider used (timing.cores_used).
 
 Why the worker times each sample itself but answers over a pipe: a pipe round trip costs tens of
 microseconds, as much as a whole T=1 call, so timing from this side would charge JAX for our IPC. Timing
@@ -40,14 +46,23 @@ import torch
 from .cases import Case
 from .peers_onnx import missing
 from .providers import Provider
+from .timing import cores_used
 from .workload import CallResult, Workload
 
 
 def xla_flags(threads: int) -> str:
-    """XLA's CPU threading flags for ``threads`` threads, appended to whatever XLA_FLAGS already holds."""
-    own = ("--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" if threads <= 1 else
-           f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}")
+    """XLA's CPU threading flag for ``threads`` threads, appended to whatever XLA_FLAGS already holds (what
+    bounds the threads is the worker's affinity, ``pin_to``)."""
+    own = f"--xla_cpu_multi_thread_eigen={'false' if threads <= 1 else 'true'}"
     return " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), own) if f)
+
+
+def pin_to(threads: int) -> list[int]:
+    """Restrict this process to ``threads`` of the CPUs it may run on (the lowest-numbered ones); returns them.
+    Before jax is imported: XLA sizes its thread pool from this set (see the module's docstring)."""
+    cpus = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    os.sched_setaffinity(0, cpus)
+    return cpus
 
 
 # --- the worker (runs in its own process; imports jax only there) ---------------------------------------------
@@ -77,8 +92,10 @@ def _elman(jax, jnp, case: dict):
     return f
 
 
-def serve(fd: int) -> None:
-    """The worker's loop, on the connection ``fd`` (started by Worker with XLA_FLAGS already in its env)."""
+def serve(fd: int, threads: int) -> None:
+    """The worker's loop, on the connection ``fd`` (started by Worker with XLA_FLAGS already in its env), on
+    ``threads`` CPUs."""
+    cpus = pin_to(threads)
     import jax
     import jax.numpy as jnp
 
@@ -113,8 +130,10 @@ def serve(fd: int) -> None:
                 ms = (time.perf_counter() - t0) * 1e3
                 gc.enable()
                 conn.send(("ok", ms))
+            elif msg[0] == "cores":  # the cores one call keeps busy (timing.cores_used), measured here
+                conn.send(("ok", cores_used(fn)))
             elif msg[0] == "versions":
-                conn.send(("ok", {"jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"],
+                conn.send(("ok", {"jax": jax.__version__, "xla_flags": os.environ["XLA_FLAGS"], "cpus": cpus,
                                   "devices": [str(d) for d in jax.devices()]}))
             elif msg[0] == "stop":
                 conn.send(("ok", None))
@@ -138,7 +157,7 @@ class Worker:
         env = dict(os.environ, XLA_FLAGS=xla_flags(threads), JAX_PLATFORMS="cpu",
                    PYTHONPATH=os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
         self.process = subprocess.Popen(
-            [sys.executable, "-c", f"from rnn_fused.bench.peers_jax import serve; serve({theirs.fileno()})"],
+            [sys.executable, "-c", f"from rnn_fused.bench.peers_jax import serve; serve({theirs.fileno()}, {threads})"],
             pass_fds=(theirs.fileno(),), env=env)
         theirs.close()
         self.conn = Connection(ours.detach())
@@ -222,10 +241,13 @@ class Jax(Provider):
         worker = self.worker
         return lambda: worker.ask("sample")
 
+    def cores_used(self, call) -> float:
+        return self.worker.ask("cores")
+
     def close(self) -> None:
         if self.worker is not None:
             self.worker.close()
             self.worker = None
 
 
-__all__ = ["Jax", "Worker", "xla_flags"]
+__all__ = ["Jax", "Worker", "pin_to", "xla_flags"]

@@ -80,6 +80,10 @@ class Provider:
         """One timed sample of ``call`` in ms, for the CPU's interleaved rounds (timing.measure_interleaved)."""
         return timing.cpu_sampler(call)
 
+    def cores_used(self, call) -> float:
+        """The cores ``call`` keeps busy (timing.cores_used), where its computation runs."""
+        return timing.cores_used(call)
+
     def close(self) -> None:
         """The run is over: release what outlives a case (a worker process)."""
 

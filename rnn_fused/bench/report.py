@@ -6,12 +6,16 @@ The JSON is the source of truth (--compare reads it; the markdown and plots are 
     {"schema", "preset": {settings}, "environment": {...}, "wall_time_s", "interrupted",
      "cases": [{id, T, B, I, H, mode, num_layers, bidirectional, dtype, packed, nonlinearity, device, tags}],
      "results": [{case_id, provider, label, status, reason, median_ms, p20_ms, p80_ms, min_ms, mean_ms,
-                  repeats, samples_ms, first_call_s, peak_mem_bytes, gate, speedup_vs_baseline, us_per_step}]}
+                  repeats, samples_ms, first_call_s, peak_mem_bytes, cores_used, gate, speedup_vs_baseline,
+                  us_per_step}]}
 
 status: ok | FAILED (wrong numbers: not timed) | error (raised) | skipped (cannot run here; reason says why).
 speedup_vs_baseline = nn.RNN's median / this provider's median on the same case (> 1: faster than nn.RNN).
 us_per_step = the median in microseconds / the case's T (the longest sequence when packed): the number the
 per-step floors (benchmarks/barrier_floor.cu) are judged against.
+cores_used (CPU, ok rows; absent in older files): the cores the provider's call kept busy (timing.cores_used);
+a provider above the run's torch_threads (by more than CORES_SLACK) is named in the report: it was not
+pinned to the run's threads, and its times are not comparable.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from rich.table import Table
 from .providers import BASELINE
 
 SCHEMA = "rnn-fused-bench/1"
+CORES_SLACK = 0.3  # cores_used above torch_threads + this: more threads than the run allows
+
 REQUIRED_RESULT_KEYS = ("case_id", "provider", "label", "status", "reason", "median_ms", "p20_ms", "p80_ms",
                         "repeats", "first_call_s", "peak_mem_bytes", "gate", "speedup_vs_baseline", "us_per_step")
 
@@ -101,6 +107,18 @@ def rich_table(doc: dict, show_skipped: bool = False) -> Table:
     return table
 
 
+def over_threaded(doc: dict) -> list[dict]:
+    """The rows whose provider kept more cores busy than the run's threads (see cores_used above)."""
+    threads = doc["environment"].get("torch_threads") or 1
+    return [r for r in doc["results"] if r.get("cores_used") is not None and r["cores_used"] > threads + CORES_SLACK]
+
+
+def _over_threaded_lines(doc: dict) -> list[str]:
+    threads = doc["environment"].get("torch_threads")
+    return [f"{r['provider']} on {r['case_id']} kept {r['cores_used']:.2f} cores busy at {threads} thread(s): "
+            f"not pinned to the run's threads, its time is not comparable" for r in over_threaded(doc)]
+
+
 def print_summary(doc: dict, console: Console) -> None:
     console.print(rich_table(doc))
     skipped = {}
@@ -112,6 +130,8 @@ def print_summary(doc: dict, console: Console) -> None:
     bad = [r for r in doc["results"] if r["status"] in ("FAILED", "error")]
     for r in bad:
         console.print(f"[bold red]{r['status']}[/] {r['provider']} on {r['case_id']}: {r['reason']}")
+    for line in _over_threaded_lines(doc):
+        console.print(f"[bold yellow]threads[/] {line}")
     console.print(f"wall time {doc['wall_time_s']:.1f} s" + ("  [bold yellow](interrupted)[/]" if doc["interrupted"]
                                                             else ""))
 
@@ -133,16 +153,17 @@ def markdown(doc: dict, plot_files: list[str] = ()) -> str:
                   f"nn.RNN before being timed (see benchmarks/NOTES.md, \"Benchmark method\"). "
                   f"Wall time {doc['wall_time_s']:.0f} s" + (" (interrupted)." if doc["interrupted"] else "."),
               "", "## Results", "",
-              "| case | provider | median ms | p20-p80 ms | us/step | speedup vs nn.RNN | peak MiB | status |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+              "| case | provider | median ms | p20-p80 ms | us/step | speedup vs nn.RNN | peak MiB | cores | status |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in doc["results"]:
         if r["status"] == "skipped":
             continue
         spread = f"{_ms(r['p20_ms'])}-{_ms(r['p80_ms'])}" if r["status"] == "ok" else ""
         mem = "" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         status = r["status"] if r["status"] == "ok" else f"**{r['status']}**: {r['reason']}"
+        cores = "" if r.get("cores_used") is None else f"{r['cores_used']:.2f}"
         lines.append(f"| {r['case_id']} | {r['provider']} | {_ms(r['median_ms'])} | {spread} | "
-                     f"{_us(r.get('us_per_step'))} | {_speedup(r['speedup_vs_baseline'])} | {mem} | "
+                     f"{_us(r.get('us_per_step'))} | {_speedup(r['speedup_vs_baseline'])} | {mem} | {cores} | "
                      f"{status.replace('|', '/')} |")
     skipped = {}
     for r in doc["results"]:
@@ -152,8 +173,12 @@ def markdown(doc: dict, plot_files: list[str] = ()) -> str:
         lines += ["", "## Skipped", ""]
         for (provider, reason), ids in skipped.items():
             lines.append(f"- `{provider}` in {len(ids)} case(s): {reason}")
+    if _over_threaded_lines(doc):
+        lines += ["", "## Not pinned to the run's threads", ""] + [f"- {line}" for line in _over_threaded_lines(doc)]
     if env["device"] == "cpu":
-        lines += ["", "Peak memory is not measured on the CPU (null in the JSON): the process's maxrss is a "
+        lines += ["", "cores: the cores each call kept busy (CPU time of the process per second of wall time, "
+                      "rnn_fused/bench/timing.py cores_used), measured after the timing.",
+                  "", "Peak memory is not measured on the CPU (null in the JSON): the process's maxrss is a "
                       "lifetime high-water mark that cannot be reset per case."]
     if plot_files:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plot_files]

@@ -5,7 +5,7 @@ for each provider: skip it with the reason if it cannot run the case; otherwise 
 one call (which is also its first warm-up and, for compile-style providers, the compile) and check it against
 the yardstick (a wrong provider is reported FAILED and not timed). Then the providers that passed are timed:
 on a CPU together, interleaved in rounds (timing.measure_interleaved: a drift of the shared machine hits all
-of them alike), on a GPU one after another with CUDA events, each followed by the peak memory of one more
+of them alike), each followed by the cores it kept busy (timing.cores_used), on a GPU one after another with CUDA events, each followed by the peak memory of one more
 call. A provider that raises is reported 'error' with the message (or 'skipped' when the provider says the
 exception is an environment limit, e.g. torch.compile failing) and the run goes on.
 """
@@ -35,12 +35,13 @@ class Row:
     stats: timing.Stats | None = None
     first_call_s: float | None = None
     peak_mem_bytes: int | None = None
+    cores_used: float | None = None  # CPU: timing.cores_used, after the timing
     gate: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         d = {"case_id": self.case.id, "provider": self.provider, "label": self.label, "status": self.status,
              "reason": self.reason, "first_call_s": self.first_call_s, "peak_mem_bytes": self.peak_mem_bytes,
-             "gate": self.gate}
+             "cores_used": self.cores_used, "gate": self.gate}
         keys = ("median_ms", "p20_ms", "p80_ms", "min_ms", "mean_ms", "repeats", "samples_ms")
         d.update(self.stats.to_json() if self.stats else dict.fromkeys(keys))
         return d
@@ -125,8 +126,12 @@ def time_case(gated: list[tuple[Row, Provider, object]], device: str, policy: ti
             culprit = _culprit(live, policy, error)
             live = [g for g in live if g is not culprit]
             continue
-        for row, _, _ in live:
+        for row, provider, call in live:
             row.stats, row.status = stats[row.provider], OK
+            try:  # after all the timing: how many cores each provider kept busy (honest pinning, shown)
+                row.cores_used = provider.cores_used(call)
+            except Exception as error:  # noqa: BLE001 (its samples are kept; the check says why it is missing)
+                row.gate["cores_used"] = _short(error)
         return
 
 

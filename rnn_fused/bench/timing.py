@@ -176,6 +176,21 @@ def measure_interleaved(samplers: dict, policy: TimingPolicy, clock=time.perf_co
     return {name: summarize(s) for name, s in samples.items()}
 
 
+CORES_MIN_TIME_S = 0.05  # cores_used: at least this long (and MIN_SAMPLES calls)
+
+
+def cores_used(fn, min_time_s: float = CORES_MIN_TIME_S) -> float:
+    """The cores ``fn()`` keeps busy: the process's CPU time (every thread, spinning included) per second of
+    wall time over untimed calls, at least MIN_SAMPLES of them and ``min_time_s``. About 1 for a call on one
+    thread, N for one spread over N busy threads: a provider pinned to the run's threads shows at most that
+    many (the JAX worker was not, until it set its affinity: peers_jax.py)."""
+    n, cpu0, t0 = 0, time.process_time(), time.perf_counter()
+    while n < MIN_SAMPLES or time.perf_counter() - t0 < min_time_s:
+        fn()
+        n += 1
+    return (time.process_time() - cpu0) / (time.perf_counter() - t0)
+
+
 @contextlib.contextmanager
 def gc_paused():
     """The garbage collector off (after one collection) around timed CPU calls: a GC pause inside one sample
