@@ -12,6 +12,7 @@
 // The maths is the stack op's (csrc/rnn_stack.cpp) for FusedRNN, called directly, each layer recorded as one
 // autograd node (its LayerFunction) when something requires grad; the cell's step is csrc/rnn_cell.cpp.
 #include "cpu/scratch_cpu.h"
+#include "cpu/step_tile.h"
 #include "rnn_cell.h"
 #include "rnn_stack.h"
 
@@ -243,4 +244,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cell_call", &rnn_fused::cell_call);
   m.def("kept_scratch_bytes", &rnn_fused::kept_scratch_bytes,
         "Bytes of CPU-layer scratch the calling thread keeps between calls (cpu/scratch_cpu.h); for tests.");
+  m.def("cpu_step_isa", &rnn_fused::tile::isa_name,
+        "The CPU kernels' register-tile step on this CPU: 'avx512', 'avx2' or 'none' (cpu/step_tile.h).");
 }

@@ -3,9 +3,10 @@
 // Decomposition: the directions of a layer are independent and run in parallel (at::parallel_for over
 // D); inside a direction the T steps are sequential. Each step multiplies the live rows' previous states
 // by W_hh and adds the precomputed input projection xw_t, by one of four loops chosen per call (the rules:
-// copy_of_w_pays, all_steps_blas, use_avx512_step, small_step_reads_w_hh below):
-//   float32 on an AVX-512 CPU: the AVX-512 step (step_avx512.cpp), a 6-row x 64-column register tile with
-//     the projection add and the activation fused, reading a packed W_hh^T (forward) or W_hh (backward);
+// copy_of_w_pays, all_steps_blas, use_tile_step, small_step_reads_w_hh below):
+//   float32 on a CPU with AVX-512 or AVX2: the register-tile step (step_tile.h: step_avx512.cpp, a 6-row x
+//     64-column tile; step_avx2.cpp, 6 rows x 16 columns) with the projection add and the activation fused,
+//     reading a packed W_hh^T (forward) or W_hh (backward);
 //   otherwise, small steps (rows*H*H below kBlasMinFlops): a hand-written matrix-vector loop per row that
 //     keeps a tile of 64 floats of z in registers, reads W_hh^T once per row, and applies the activation
 //     before storing, so z never goes to memory;
@@ -24,6 +25,7 @@
 #include "activation.h"
 #include "blas.h"
 #include "step_avx512.h"
+#include "step_tile.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -46,6 +48,9 @@ namespace {
 // activation pass cost more than the hand loop saves (crossover measured on a 2-core AMD EPYC, see
 // benchmarks/NOTES.md).
 constexpr int64_t kBlasMinFlops = 96 * 1024;
+
+// The most rows of a BLAS-sized forward step that the AVX2 tile step takes (use_tile_step).
+constexpr int64_t kAvx2TileForwardMaxRows = 3;
 
 // ---- the hand-written step ------------------------------------------------------------------------------
 
@@ -207,13 +212,13 @@ bool use_blas(int64_t rows, int64_t H) {
   return blas_available(static_cast<T*>(nullptr)) && rows * H * H >= kBlasMinFlops;
 }
 
-// A copy of W_hh made once per call (the AVX-512 step's packed W_hh^T, the hand loop's W_hh^T) is a pass
+// A copy of W_hh made once per call (the tile step's packed W_hh^T, the hand loop's W_hh^T) is a pass
 // over W_hh: 25 us at H = 256, 0.16 ms at H = 512, where W_hh and its copy no longer fit in L2. It pays from
 // 16 steps up to H = 256 and from 32 steps above (measured, op alone, B = 1: T = 16, H = 512: 0.43 ms with
 // the packed copy against 0.32 with BLAS; T = 32: 0.50 against 0.61; T = 4, H = 256: the transposed copy and
 // the hand loop 0.084 ms against BLAS's 0.030). Shorter calls send every step to BLAS, which reads W_hh as
 // it lies (T = 1, B = 1, H = 256: the copy was 135 us of a 112 us call with ATen's transposing copy).
-// The backward's AVX-512 step reads W_hh as it lies and copies nothing.
+// The backward's tile step reads W_hh as it lies and copies nothing.
 bool copy_of_w_pays(const RecurrenceProblem& p) { return p.T >= (p.H <= 256 ? 16 : 32); }
 
 // Whether no step reads a copy of W_hh: the call is too short for the copy to pay, or every step is large
@@ -224,15 +229,21 @@ bool all_steps_blas(const RecurrenceProblem& p) {
          (!copy_of_w_pays(p) || use_blas<T>(p.batch_sizes.back(), p.H));
 }
 
-// Whether a call's steps take the AVX-512 step (step_avx512.h): float32 on a CPU that has AVX-512 (and for
-// the forward, a call long enough to repay packing W_hh^T: copy_of_w_pays). On one thread it beats BLAS per
-// step at every measured shape, B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512 step"); but it runs on the
-// thread of its direction, so where threads are left over (more than directions) and the steps are
-// BLAS-sized, BLAS keeps them and spreads each step over those threads.
+// Whether a call's steps take the register-tile step (step_tile.h): float32 on a CPU that has AVX-512 or
+// AVX2 (and for the forward, a call long enough to repay packing W_hh^T: copy_of_w_pays). On one thread it
+// beats BLAS per step at every measured shape: AVX-512 B 1-256 x H 64-1024 (benchmarks/NOTES.md "AVX-512
+// step"), AVX2 on the AMD EPYC CI machines ("AVX2 step"); but it runs on the thread of its direction, so
+// where threads are left over (more than directions) and the steps are BLAS-sized, BLAS keeps them and
+// spreads each step over those threads. On AVX2 the forward's BLAS-sized steps of 4 rows or more stay with
+// BLAS too: there the AVX2 tile only ties MKL (recurrence op alone, median of 3 alternating runs: T128 B64
+// H256 0.97-1.11x, T256 B16 H128 1.09-1.42x), where its backward wins (0.78-0.95x) and so do its steps of
+// fewer rows (T64 B1 H512 0.65-0.72x forward).
 template <typename T>
-bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
+bool use_tile_step(const RecurrenceProblem& p, bool forward) {
   const bool threads_left_for_blas = at::get_num_threads() > p.D && use_blas<T>(p.B, p.H);
-  return std::is_same_v<T, float> && avx512::available() && !threads_left_for_blas &&
+  const bool blas_keeps_avx2_forward =
+      forward && tile::isa() == tile::Isa::Avx2 && p.B > kAvx2TileForwardMaxRows && use_blas<T>(p.B, p.H);
+  return std::is_same_v<T, float> && tile::available() && !threads_left_for_blas && !blas_keeps_avx2_forward &&
          (!forward || copy_of_w_pays(p));
 }
 
@@ -242,14 +253,21 @@ bool use_avx512_step(const RecurrenceProblem& p, bool forward) {
 // H = 64: benchmarks/NOTES.md, "Per-call latency", sixth round).
 template <typename T>
 bool small_step_reads_w_hh(bool no_copy, int64_t rows, int64_t H) {
-  return std::is_same_v<T, float> && no_copy && !use_blas<T>(rows, H) && avx512::available();
+  return std::is_same_v<T, float> && no_copy && !use_blas<T>(rows, H) && tile::isa() == tile::Isa::Avx512;
 }
 
-// W_hh^T per direction in the AVX-512 step's packed layout, [D, packed_floats(H)].
-at::Tensor packed_w_hh_t(const RecurrenceProblem& p, const DirectionWeights<float>& w_hh) {
-  const int64_t size = avx512::packed_floats(p.H);
+// W_hh^T (the forward's, transposed) or W_hh (the backward's) per direction in the tile step's packed layout,
+// [D, packed_floats(H)].
+at::Tensor packed_w_hh(const RecurrenceProblem& p, const DirectionWeights<float>& w_hh, bool transposed) {
+  const int64_t size = tile::packed_floats(p.H);
   at::Tensor out = at::empty({p.D, size}, at::TensorOptions().dtype(at::kFloat));
-  for (int64_t d = 0; d < p.D; ++d) avx512::pack_transposed(w_hh[d], p.H, out.data_ptr<float>() + d * size);
+  for (int64_t d = 0; d < p.D; ++d) {
+    float* dst = out.data_ptr<float>() + d * size;
+    if (transposed)
+      tile::pack_transposed(w_hh[d], p.H, dst);
+    else
+      tile::pack(w_hh[d], p.H, dst);
+  }
   return out;
 }
 
@@ -276,10 +294,10 @@ at::Tensor transposed(const RecurrenceProblem& p, const DirectionWeights<T>& w_h
 template <typename T>
 struct DirectionView {
   const T* w;   // W_hh[d]   [H, H]
-  const T* w_t; // W_hh[d]^T [H, H]  (forward only; null in a call of all_steps_blas or the AVX-512 step)
-  // What the AVX-512 step multiplies by (W_hh[d]^T packed for the forward, W_hh[d] for the backward);
+  const T* w_t; // W_hh[d]^T [H, H]  (forward only; null in a call of all_steps_blas or the tile step)
+  // What the tile step multiplies by (W_hh[d]^T packed for the forward, W_hh[d] for the backward);
   // data is null when the call does not take it (always for double).
-  avx512::StepMatrix step_matrix;
+  tile::StepMatrix step_matrix;
   const T* h0;  // h0[d]     [B, H]
   int64_t row_stride;  // D * H
   int64_t d_offset;    // d * H: column offset of direction d inside a row of [.., D, H]
@@ -298,9 +316,9 @@ void forward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVie
     if (v.step_matrix.data) {
       if constexpr (std::is_same_v<T, float>) {
         if (s.carried > 0)
-          avx512::rows_times(v.step_matrix, H, h_prev, rs, xw_t, rs, h_t, rs, s.carried, true, p.activation);
+          tile::rows_times(v.step_matrix, H, h_prev, rs, xw_t, rs, h_t, rs, s.carried, true, p.activation);
         if (s.rows > s.carried)
-          avx512::rows_times(v.step_matrix, H, v.h0 + s.carried * H, H, xw_t + s.carried * rs, rs,
+          tile::rows_times(v.step_matrix, H, v.h0 + s.carried * H, H, xw_t + s.carried * rs, rs,
                              h_t + s.carried * rs, rs, s.rows - s.carried, true, p.activation);
       }
     } else if (small_step_reads_w_hh<T>(v.w_t == nullptr, s.rows, H)) {
@@ -344,33 +362,33 @@ void backward_direction(const RecurrenceProblem& p, int64_t d, const DirectionVi
     const Step& s = *it;
     const int64_t off = s.row_begin * rs + v.d_offset;
     const T* dh_t = dh_all ? dh_all + off : nullptr;
-    const bool avx512_step = v.step_matrix.data != nullptr;
-    const bool blas = !avx512_step && use_blas<T>(s.rows, H);
+    const bool tile_step = v.step_matrix.data != nullptr;
+    const bool blas = !tile_step && use_blas<T>(s.rows, H);
     // Rows [0, continuing) receive the carried gradient; rows [continuing, rows) end here and read dh_last.
     backward_rows_any(v.w, H, h_all + off, dh_t, rs, dh_last, s.continuing, carry, dz + off, s.rows,
-                      p.activation, /*carry_out=*/!blas && !avx512_step, opts,
+                      p.activation, /*carry_out=*/!blas && !tile_step, opts,
                       grad_norm ? grad_norm + s.row_begin * p.D + d : nullptr, p.D);
     if (blas) gemm_rows<T>(dz + off, rs, v.w, /*transpose_m=*/false, carry, H, s.rows, H, H, T(0));
-    if (avx512_step) {
+    if (tile_step) {
       if constexpr (std::is_same_v<T, float>)
-        avx512::rows_times(v.step_matrix, H, dz + off, rs, nullptr, 0, carry, H, s.rows, false, p.activation);
+        tile::rows_times(v.step_matrix, H, dz + off, rs, nullptr, 0, carry, H, s.rows, false, p.activation);
     }
     for (int64_t r = s.carried; r < s.rows; ++r) std::memcpy(dh0 + r * H, carry + r * H, H * sizeof(T));
   }
   if (p.T == 0 && dh_last) std::memcpy(dh0, dh_last, p.B * H * sizeof(T));
 }
 
-// w_hh_t: undefined when not made for this call. step_matrix: the AVX-512 step's matrix of direction d (data
+// w_hh_t: undefined when not made for this call. step_matrix: the tile step's matrix of direction d (data
 // null when not taken); a packed one ([D, packed_floats(H)]) is given as `packed`, else W_hh itself is read.
 template <typename T>
 DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const DirectionWeights<T>& w_hh,
-                                const at::Tensor& w_hh_t, bool avx512_step, const at::Tensor& packed, const T* h0) {
-  avx512::StepMatrix step_matrix{nullptr, 0, 0};
+                                const at::Tensor& w_hh_t, bool tile_step, const at::Tensor& packed, const T* h0) {
+  tile::StepMatrix step_matrix{nullptr, 0, 0};
   if constexpr (std::is_same_v<T, float>) {
-    if (avx512_step && packed.defined())
-      step_matrix = {packed.data_ptr<float>() + d * packed.size(1), avx512::kPanelWidth, p.H * avx512::kPanelWidth};
-    else if (avx512_step)
-      step_matrix = avx512::row_major(w_hh[d], p.H);
+    if (tile_step && packed.defined())
+      step_matrix = tile::packed(packed.data_ptr<float>() + d * packed.size(1), p.H);
+    else if (tile_step)
+      step_matrix = tile::row_major(w_hh[d], p.H);
   }
   return DirectionView<T>{w_hh[d], w_hh_t.defined() ? w_hh_t.data_ptr<T>() + d * p.H * p.H : nullptr, step_matrix,
                           h0 + d * p.B * p.H, p.D * p.H, d * p.H};
@@ -381,15 +399,15 @@ DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const Dir
 template <typename T>
 void recurrence_forward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* xw, const T* h0,
                              T* h_all, T* h_last) {
-  const bool avx512_step = use_avx512_step<T>(p, /*forward=*/true);
+  const bool tile_step = use_tile_step<T>(p, /*forward=*/true);
   at::Tensor packed;
   if constexpr (std::is_same_v<T, float>) {
-    if (avx512_step) packed = packed_w_hh_t(p, w_hh);
+    if (tile_step) packed = packed_w_hh(p, w_hh, /*transposed=*/true);
   }
-  const at::Tensor w_hh_t = avx512_step || all_steps_blas<T>(p) ? at::Tensor() : transposed<T>(p, w_hh);
+  const at::Tensor w_hh_t = tile_step || all_steps_blas<T>(p) ? at::Tensor() : transposed<T>(p, w_hh);
   at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d)
-      forward_direction<T>(p, d, direction_view<T>(p, d, w_hh, w_hh_t, avx512_step, packed, h0), xw, h_all,
+      forward_direction<T>(p, d, direction_view<T>(p, d, w_hh, w_hh_t, tile_step, packed, h0), xw, h_all,
                            h_last + d * p.B * p.H);
   });
 }
@@ -398,12 +416,16 @@ template <typename T>
 void recurrence_backward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* h_all,
                               const T* h0, const T* dh_all, const T* dh_last, T* dz, T* dh0,
                               const BackwardOptions& opts, T* grad_norm) {
-  const bool avx512_step = use_avx512_step<T>(p, /*forward=*/false);
+  const bool tile_step = use_tile_step<T>(p, /*forward=*/false);
+  at::Tensor packed;
+  if constexpr (std::is_same_v<T, float>) {
+    if (tile_step && tile::packs_backward_matrix() && copy_of_w_pays(p)) packed = packed_w_hh(p, w_hh, false);
+  }
   std::vector<T> carry(p.D * p.B * p.H, T(0));  // W^T dz of the later step, per direction [D, B, H]
   at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
     for (int64_t d = begin; d < end; ++d) {
       const int64_t state = d * p.B * p.H;
-      backward_direction<T>(p, d, direction_view<T>(p, d, w_hh, at::Tensor(), avx512_step, at::Tensor(), h0), h_all,
+      backward_direction<T>(p, d, direction_view<T>(p, d, w_hh, at::Tensor(), tile_step, packed, h0), h_all,
                             dh_all, dh_last ? dh_last + state : nullptr, carry.data() + state, dz, dh0 + state, opts,
                             grad_norm);
     }

@@ -1,4 +1,5 @@
-// The AVX-512 step (float32): out[rows, H] = act(init + in[rows, H] m), m [H, H] row-major or packed.
+// The AVX-512 step (float32): out[rows, H] = act(init + in[rows, H] m), m [H, H] row-major or packed
+// (step_tile.h's layout).
 //
 // Decomposition: one thread, called per step per direction by recurrence_cpu.cpp (directions are its
 // parallel axis). The columns of m are cut into panels of kPanelWidth = 64 (four zmm registers); for each
@@ -20,9 +21,9 @@
 
 #include "activation.h"
 
+#include <c10/util/Exception.h>
+
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define RNN_FUSED_HAVE_AVX512_STEP 1
@@ -31,37 +32,18 @@
 
 namespace rnn_fused {
 namespace avx512 {
+
+using tile::StepMatrix;
+
 namespace {
+
+constexpr int64_t kPanelWidth = tile::kMaxPanelWidth;  // tile::panel_width() where the step is AVX-512's
+int64_t panels(int64_t H) { return (H + kPanelWidth - 1) / kPanelWidth; }
 
 constexpr int64_t kVectors = kPanelWidth / 16;  // zmm registers per panel row
 constexpr int kRowBlock = 6;                     // 6 x 4 = 24 accumulators of the 32 zmm registers
 
-int64_t panels(int64_t H) { return (H + kPanelWidth - 1) / kPanelWidth; }
-
-bool switched_off() {
-  const char* value = std::getenv("RNN_FUSED_CPU_AVX512");
-  return value != nullptr && std::string(value) == "0";
-}
-
 }  // namespace
-
-int64_t packed_floats(int64_t H) { return panels(H) * H * kPanelWidth; }
-
-StepMatrix pack_transposed(const float* m, int64_t H, float* packed) {
-  for (int64_t p = 0; p < panels(H); ++p) {
-    const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, H - c0);
-    float* panel = packed + p * H * kPanelWidth;
-    // panel[k][c] = m[c0 + c][k] (columns past `width` are never read: the loads are masked), by blocks of
-    // kPanelWidth k's, whose 64 panel rows (16 KB) and 64 row pieces of m stay in L1; one pass over all k
-    // writes H panel rows 256 bytes apart: 6x slower at H = 512.
-    for (int64_t k0 = 0; k0 < H; k0 += kPanelWidth) {
-      const int64_t k1 = std::min(H, k0 + kPanelWidth);
-      for (int64_t c = 0; c < width; ++c)
-        for (int64_t k = k0; k < k1; ++k) panel[k * kPanelWidth + c] = m[(c0 + c) * H + k];
-    }
-  }
-  return {packed, kPanelWidth, H * kPanelWidth};
-}
 
 #ifdef RNN_FUSED_HAVE_AVX512_STEP
 
@@ -186,11 +168,9 @@ void rows_times_transposed(const float* m, int64_t H, const float* in, int64_t i
   rows_times_transposed_impl(m, H, in, in_stride, init, init_stride, out, out_stride, rows, act);
 }
 
-bool available() {
-  // RNN_FUSED_CPU_AVX512=0 turns it off, so the portable loops can be tested and timed on an AVX-512 CPU.
+bool cpu_has() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
-                          !switched_off();
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
   return yes;
 }
 
@@ -204,7 +184,7 @@ void rows_times(const StepMatrix& m, int64_t H, const float* in, int64_t in_stri
 
 #else  // not x86-64: the portable loops of recurrence_cpu.cpp do every step
 
-bool available() { return false; }
+bool cpu_has() { return false; }
 
 void rows_times(const StepMatrix&, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                 bool, Activation) {
