@@ -11,6 +11,7 @@
 // torch.export and the backend choice are checked on the Python side before (dynamo cannot trace into here).
 // The maths is the stack op's (csrc/rnn_stack.cpp) for FusedRNN, called directly, each layer recorded as one
 // autograd node (its LayerFunction) when something requires grad; the cell's step is csrc/rnn_cell.cpp.
+#include "cpu/gemm_onednn.h"
 #include "cpu/scratch_cpu.h"
 #include "cpu/step_tile.h"
 #include "rnn_cell.h"
@@ -246,4 +247,6 @@ PYBIND11_MODULE(_C, m) {
         "Bytes of CPU-layer scratch the calling thread keeps between calls (cpu/scratch_cpu.h); for tests.");
   m.def("cpu_step_isa", &rnn_fused::tile::isa_name,
         "The CPU kernels' register-tile step on this CPU: 'avx512', 'avx2' or 'none' (cpu/step_tile.h).");
+  m.def("cpu_gemm", &rnn_fused::onednn::gemm_name,
+        "What the CPU kernels' large float32 GEMMs run on: 'onednn' or 'blas' (cpu/gemm_onednn.h).");
 }

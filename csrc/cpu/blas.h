@@ -1,6 +1,11 @@
-// The BLAS GEMM that torch's own BLAS exports (MKL or OpenBLAS), for the CPU kernels (recurrence_cpu.cpp)
-// and FusedRNNCell's CPU step (csrc/rnn_cell.cpp), declared and wrapped once.
+// The GEMMs of the CPU kernels (recurrence_cpu.cpp, layer_cpu.cpp) and of FusedRNNCell's CPU step
+// (csrc/rnn_cell.cpp), declared and wrapped once: the BLAS GEMM that torch's own BLAS exports (MKL or
+// OpenBLAS), except the large float32 ones on a CPU where oneDNN's micro-kernel is the faster (gemm_onednn.h).
 #pragma once
+
+#include "gemm_onednn.h"
+
+#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <type_traits>
@@ -22,10 +27,15 @@ inline bool blas_available(double*) { return dgemm_ != nullptr; }
 
 // Row-major C[rows, N] (ldc) = A[rows, K] (lda) x op(M) + beta * C, M row-major: op(M) = M^T with M [N, K]
 // if transpose_m, else M [K, N]. In BLAS's column-major view every row-major matrix is transposed, so
-// C^T = op(M)^T A^T. Every size > 0 (BLAS refuses a leading dimension of 0).
+// C^T = op(M)^T A^T. Every size > 0 (BLAS refuses a leading dimension of 0). beta is 0 or 1.
 template <typename T>
 void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int64_t ldc, int64_t rows, int64_t N,
                int64_t K, T beta) {
+  TORCH_INTERNAL_ASSERT(beta == T(0) || beta == T(1));
+  if constexpr (std::is_same_v<T, float>) {
+    if (onednn::takes(rows, N, K, /*copies_b=*/transpose_m))
+      return onednn::gemm_rows(a, lda, m, transpose_m, c, ldc, rows, N, K, beta != T(0));
+  }
   const int mi = static_cast<int>(N), ni = static_cast<int>(rows), ki = static_cast<int>(K);
   const int lda_i = static_cast<int>(lda), ldm = static_cast<int>(transpose_m ? K : N), ldc_i = static_cast<int>(ldc);
   const char tm = transpose_m ? 'T' : 'N', ta = 'N';
@@ -38,10 +48,15 @@ void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int6
 }
 
 // Row-major C[M, N] (ldc) = A^T B + beta * C with A [K, M] (lda) and B [K, N] (ldb), both row-major: the
-// weight gradients' sum over rows (dW = dz^T x). Column-major: C^T = B^T (A^T)^T. Every size > 0.
+// weight gradients' sum over rows (dW = dz^T x). Column-major: C^T = B^T (A^T)^T. Every size > 0; beta 0 or 1.
 template <typename T>
 void gemm_transposed_a(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int64_t ldc, int64_t M, int64_t N,
                        int64_t K, T beta) {
+  TORCH_INTERNAL_ASSERT(beta == T(0) || beta == T(1));
+  if constexpr (std::is_same_v<T, float>) {
+    if (onednn::takes(M, N, K, /*copies_b=*/false))
+      return onednn::gemm_transposed_a(a, lda, b, ldb, c, ldc, M, N, K, beta != T(0));
+  }
   const int mi = static_cast<int>(N), ni = static_cast<int>(M), ki = static_cast<int>(K);
   const int lda_i = static_cast<int>(lda), ldb_i = static_cast<int>(ldb), ldc_i = static_cast<int>(ldc);
   const char tb = 'N', ta = 'T';

@@ -26,6 +26,7 @@
 #include "blas.h"
 #include "step_avx512.h"
 #include "step_tile.h"
+#include "transpose.h"
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -271,20 +272,12 @@ at::Tensor packed_w_hh(const RecurrenceProblem& p, const DirectionWeights<float>
   return out;
 }
 
-// W_hh^T per direction, [D, H, H], by 32 x 32 tiles (ATen's copy of a transposed view is ~10x slower).
+// W_hh^T per direction, [D, H, H] (transpose.h's tiles: ATen's copy of a transposed view is ~10x slower).
 template <typename T>
 at::Tensor transposed(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh) {
-  const int64_t H = p.H, tile = 32;
+  const int64_t H = p.H;
   at::Tensor out = at::empty({p.D, H, H}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
-  T* dst = out.data_ptr<T>();
-  for (int64_t d = 0; d < p.D; ++d) {
-    const T* s = w_hh[d];
-    T* o = dst + d * H * H;
-    for (int64_t i0 = 0; i0 < H; i0 += tile)
-      for (int64_t j0 = 0; j0 < H; j0 += tile)
-        for (int64_t i = i0; i < std::min(i0 + tile, H); ++i)
-          for (int64_t j = j0; j < std::min(j0 + tile, H); ++j) o[j * H + i] = s[i * H + j];
-  }
+  for (int64_t d = 0; d < p.D; ++d) transpose_into<T>(w_hh[d], H, H, H, out.data_ptr<T>() + d * H * H, H);
   return out;
 }
 

@@ -84,6 +84,16 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _cpu_kernels() -> dict | None:
+    """Which CPU step and which GEMM the float32 kernels take on this CPU (csrc/cpu/step_tile.h, gemm_onednn.h):
+    the same code runs different instructions on different build machines."""
+    from .._extension import compiled, load
+
+    if load() is not None:
+        return None
+    return {"step": compiled().cpu_step_isa(), "gemm": compiled().cpu_gemm()}
+
+
 def environment(device: str, argv: list[str] | None = None) -> dict:
     # Dirty = the code that ran differs from the commit: modified or new files, result folders aside.
     status = _git("status", "--porcelain")
@@ -115,6 +125,7 @@ def environment(device: str, argv: list[str] | None = None) -> dict:
         "git_commit": _git("rev-parse", "HEAD") or os.environ.get("RNN_FUSED_COMMIT"),
         "git_dirty": bool(status) if status is not None else None,
         "fused_rnn": "rnn_fused.FusedRNN",
+        "cpu_kernels": _cpu_kernels(),
         "flags": flags(),
     }
     if os.environ.get("RNN_FUSED_SOURCE_SHA256"):  # the tree that ran, when it may differ from the commit

@@ -1,0 +1,130 @@
+// Float32 GEMMs on oneDNN's batch-reduce GEMM micro-kernel (gemm_onednn.h): why and how.
+//
+// Why: on an AMD EPYC with AVX-512 (Zen 5), torch's MKL runs its AVX2 kernels (MKL picks AVX-512 only on
+// Intel CPUs): 100-107 GFLOP/s per core, where oneDNN's JIT kernels, XLA and our own AVX-512 step run at
+// 210-250. The layer's GEMMs (the projection, dx, dW_ih, dW_hh) are half of a large call's flops, so JAX won
+// every case at B >= 16 there (benchmarks/NOTES.md, "GEMMs on an AMD EPYC with AVX-512"). oneDNN is the
+// library torch already ships and exposes for this (at::native::cpublas::brgemm, used by torch's own CPU
+// flash attention), so no GEMM of our own is written.
+//
+// Decomposition: C in blocks of kRows x kCols (64 x 64), K in chunks of kDepth (256); one micro-kernel call
+// per (block, chunk), accumulating into the block while it is in L1. Blocks of rows run in parallel
+// (at::parallel_for); each block is one thread's and sums its chunks in the same order, so the bits do not
+// depend on the number of threads.
+// Memory: the micro-kernel reads A as rows [M, K] and B as rows [K, N]. gemm_rows with M^T (the projection's
+// W_ih as it lies, [N, K]) first transposes M into a buffer of N * K floats; gemm_transposed_a transposes each
+// [kDepth, kRows] piece of A into a buffer of one block (64 KB) per thread. C is written in place.
+// Kernels: torch caches one generated kernel per shape and thread (~35-50 us to generate): a GEMM uses at most
+// 2 x 2 x 2 shapes (full and last block of rows, of columns and of K), x 2 where it accumulates.
+#include "gemm_onednn.h"
+
+#include "step_avx512.h"
+#include "transpose.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace rnn_fused {
+namespace onednn {
+namespace {
+
+constexpr int64_t kRows = 64, kCols = 64, kDepth = 256;
+
+// Below this many multiply-adds a GEMM stays with BLAS: the micro-kernel's call and cache look-up per block
+// (~1 us) is no longer small against the block's arithmetic.
+constexpr int64_t kMinMultiplyAdds = int64_t(1) << 18;
+// Where B must be transposed first (gemm_rows with M^T), the copy of N * K floats pays from this many rows
+// (measured, 256 x 256: at 64 rows 168 GFLOP/s with the copy against MKL's 112; at 16 rows 77 against 92).
+constexpr int64_t kMinRowsForCopy = 64;
+
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+constexpr bool kBuiltWithMicroKernel = true;
+#else
+constexpr bool kBuiltWithMicroKernel = false;
+#endif
+
+bool intel_cpu() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+// C[rows, N] (+)= A[rows, K] B[K, N], all row-major, rows <= kRows: one block of rows, by columns and chunks.
+void block_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t rows,
+                int64_t N, int64_t K, bool accumulate) {
+#ifdef CPUBLAS_BRGEMM_F32F32F32
+  for (int64_t n0 = 0; n0 < N; n0 += kCols) {
+    const int64_t cols = std::min(kCols, N - n0);
+    for (int64_t k0 = 0; k0 < K; k0 += kDepth)
+      at::native::cpublas::brgemm(rows, cols, std::min(kDepth, K - k0), lda, ldb, ldc, accumulate || k0 > 0,
+                                  a + k0, b + k0 * ldb + n0, c + n0, /*is_vnni=*/false);
+  }
+#else
+  (void)a, (void)lda, (void)b, (void)ldb, (void)c, (void)ldc, (void)rows, (void)N, (void)K, (void)accumulate;
+#endif
+}
+
+}  // namespace
+
+bool chosen() {
+  static const bool yes = [] {
+    if (!kBuiltWithMicroKernel) return false;
+    const char* forced = std::getenv("RNN_FUSED_CPU_GEMM");
+    if (forced != nullptr && std::string(forced) == "onednn") return true;
+    if (forced != nullptr && std::string(forced) == "blas") return false;
+    return avx512::cpu_has() && !intel_cpu() && at::hasMKL();
+  }();
+  return yes;
+}
+
+const char* gemm_name() { return chosen() ? "onednn" : "blas"; }
+
+bool takes(int64_t rows, int64_t N, int64_t K, bool copies_b) {
+  return chosen() && at::globalContext().userEnabledMkldnn() && rows * N * K >= kMinMultiplyAdds &&
+         (!copies_b || rows >= kMinRowsForCopy);
+}
+
+void gemm_rows(const float* a, int64_t lda, const float* m, bool transpose_m, float* c, int64_t ldc, int64_t rows,
+               int64_t N, int64_t K, bool accumulate) {
+  std::vector<float> m_t;
+  const float* b = m;
+  if (transpose_m) {  // M [N, K] -> B = M^T [K, N]
+    m_t.resize(N * K);
+    transpose_into(m, K, N, K, m_t.data(), N);
+    b = m_t.data();
+  }
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = i * kRows;
+      block_rows(a + r0 * lda, lda, b, N, c + r0 * ldc, ldc, std::min(kRows, rows - r0), N, K, accumulate);
+    }
+  });
+}
+
+void gemm_transposed_a(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t M,
+                       int64_t N, int64_t K, bool accumulate) {
+  const int64_t blocks = (M + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> a_t(kRows * kDepth);  // A's piece [kDepth, rows] as [rows, kDepth]
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t m0 = i * kRows, rows = std::min(kRows, M - m0);
+      for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+        const int64_t depth = std::min(kDepth, K - k0);
+        transpose_into(a + k0 * lda + m0, lda, depth, rows, a_t.data(), depth);
+        block_rows(a_t.data(), depth, b + k0 * ldb, ldb, c + m0 * ldc, ldc, rows, N, depth, accumulate || k0 > 0);
+      }
+    }
+  });
+}
+
+}  // namespace onednn
+}  // namespace rnn_fused

@@ -1,0 +1,128 @@
+"""The CPU kernels' large float32 GEMMs on oneDNN's micro-kernel (csrc/cpu/gemm_onednn.cpp): layers whose every
+GEMM is large enough to take it (blocks of rows, columns and K that are not multiples of 64 / 256, two
+directions side by side in a row, a forward of per-step GEMMs) against float64 nn.RNN, on whichever GEMM this
+process chose and, in child processes, on each of the two forced; that oneDNN's kernels really run where
+chosen (its own verbose log), that torch's oneDNN switch sends them back to BLAS, that the thread count does
+not change the bits, and the default rule."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rnn_fused._C as C
+
+from .conftest import EXTENSION_ERROR, assert_matches
+from .test_cpu_layer import _in_float32_torch, _pair, _run
+
+assert EXTENSION_ERROR is None, EXTENSION_ERROR
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# (T, B, I, H, bidirectional): rows 333 (five blocks of 64 and 13), K = I = 300 (a chunk of 256 and 44) and
+# dW_hh's M = 70 (64 and 6); two directions, D * H = 258 columns (four blocks and 2), dW_hh per direction at
+# a column offset of a 258-wide row; T = 3, B = 130: a call too short to pack W_hh, whose forward steps of 130
+# rows are GEMMs of their own, accumulating into the projection in place.
+SHAPES = [(37, 9, 300, 70, False), (20, 7, 65, 129, True), (3, 130, 64, 64, False)]
+
+
+@pytest.mark.parametrize("T,B,I,H,bidirectional", SHAPES)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread):
+    ref, ours = _pair(torch.float32, I, H, bidirectional=bidirectional, nonlinearity=nonlinearity, num_layers=2)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    h0 = 0.5 * torch.randn(2 * (2 if bidirectional else 1), B, H, dtype=torch.float64)
+    expected, expected_grads = _run(ref, x, h0, torch.float64)
+    got, got_grads = _run(ours, x, h0, torch.float32)
+    yard, yard_grads = _run(_in_float32_torch(ref), x, h0, torch.float32)
+    for k in expected:
+        assert_matches(got[k], expected[k], yard[k], name=f"{C.cpu_gemm()} {k}")
+    for k in expected_grads:
+        assert_matches(got_grads[k], expected_grads[k], yard_grads[k], name=f"{C.cpu_gemm()} grad {k}")
+
+
+def _run_with(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return proc
+
+
+def _forced_gemm_runs(gemm: str) -> bool:
+    return _run_with({"RNN_FUSED_CPU_GEMM": gemm}, "-c", "import rnn_fused._C as C; print(C.cpu_gemm())"
+                     ).stdout.strip() == gemm
+
+
+# The micro-kernel needs a torch that has it (at::native::cpublas::brgemm for float32) and runs its JIT code
+# from AVX2 up; below that torch's brgemm itself falls back to BLAS.
+needs_micro_kernel = pytest.mark.skipif(
+    not _forced_gemm_runs("onednn") or not torch.backends.cpu.get_cpu_capability().startswith("AVX"),
+    reason="this torch has no oneDNN micro-kernel for float32, or this CPU has no AVX2")
+
+
+@needs_micro_kernel
+@pytest.mark.parametrize("gemm", ["onednn", "blas"])
+def test_each_gemm_passes_the_layer_tests(gemm):
+    out = _run_with({"RNN_FUSED_CPU_GEMM": gemm}, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                    "tests/test_cpu_gemm.py", "-k", "gemm_sized_layers").stdout
+    assert " passed" in out and "failed" not in out and "skipped" not in out
+
+
+# One GEMM-sized fwd+bwd (the first shape above), run with oneDNN's verbose log on; prints the cpu_gemm() name
+# and the bits of the output and of the input's gradient.
+_CALL = ("import sys, torch, rnn_fused._C as C\n"
+         "from rnn_fused import FusedRNN\n"
+         "torch.set_num_threads(1); torch.manual_seed(0)\n"
+         "m = FusedRNN(300, 70, backend='cpu'); x = torch.randn(37, 9, 300, requires_grad=True)\n"
+         "with torch.backends.mkldnn.flags(enabled=sys.argv[1] == 'on'):\n"
+         "    out, _ = m(x); gx, = torch.autograd.grad(out.square().sum(), x)\n"
+         "print(C.cpu_gemm(), out.double().sum().item().hex(), gx.double().sum().item().hex())\n")
+
+
+@needs_micro_kernel
+def test_the_onednn_gemm_is_the_one_taken_and_torch_switch_turns_it_off():
+    verbose = {"ONEDNN_VERBOSE": "all"}
+    onednn = _run_with({**verbose, "RNN_FUSED_CPU_GEMM": "onednn"}, "-c", _CALL, "on")
+    switched_off = _run_with({**verbose, "RNN_FUSED_CPU_GEMM": "onednn"}, "-c", _CALL, "off")
+    blas = _run_with({**verbose, "RNN_FUSED_CPU_GEMM": "blas"}, "-c", _CALL, "on")
+    executed = "ukernel,exec,cpu,brgemm"
+    assert executed in onednn.stdout + onednn.stderr, "oneDNN's log shows no micro-kernel run"
+    for proc in (switched_off, blas):
+        assert executed not in proc.stdout + proc.stderr
+    last = [p.stdout.splitlines()[-1].split() for p in (onednn, switched_off, blas)]
+    assert last[0][0] == "onednn" and last[2][0] == "blas"
+    assert last[1][1:] == last[2][1:], "torch.backends.mkldnn off: not BLAS's bits"
+
+
+@needs_micro_kernel
+def test_the_thread_count_does_not_change_the_bits():
+    code = ("import torch, rnn_fused._C as C\n"
+            "from rnn_fused import FusedRNN\n"
+            "torch.manual_seed(0)\n"
+            "m = FusedRNN(300, 70, bidirectional=True, backend='cpu'); x = torch.randn(37, 9, 300, requires_grad=True)\n"
+            "def run(threads):\n"
+            "    torch.set_num_threads(threads)\n"
+            "    out, h = m(x)\n"
+            "    return [out, h, *torch.autograd.grad(out.square().sum() + h.sum(), [x, *m.parameters()])]\n"
+            "one, two = run(1), run(2)\n"
+            "print(C.cpu_gemm(), all(torch.equal(a, b) for a, b in zip(one, two)))\n")
+    assert _run_with({"RNN_FUSED_CPU_GEMM": "onednn"}, "-c", code).stdout.split() == ["onednn", "True"]
+
+
+def test_the_default_is_onednn_exactly_where_mkl_leaves_avx512_unused():
+    """oneDNN by default on a CPU with AVX-512 that is not Intel's, where torch's BLAS is MKL (gemm_onednn.h)."""
+    flags, vendor = set(), ""
+    for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []:
+        if line.startswith("flags") and not flags:
+            flags = set(line.split())
+        if line.startswith("vendor_id") and not vendor:
+            vendor = line.split(":")[1].strip()
+    expected = ("onednn" if {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags and vendor != "GenuineIntel"
+                and torch.backends.mkl.is_available() and _forced_gemm_runs("onednn") else "blas")
+    env = {k: v for k, v in os.environ.items() if k != "RNN_FUSED_CPU_GEMM"}
+    proc = subprocess.run([sys.executable, "-c", "import rnn_fused._C as C; print(C.cpu_gemm())"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.strip() == expected, proc.stderr[-2000:]
