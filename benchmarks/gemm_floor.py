@@ -5,6 +5,9 @@ recurrence's T small GEMMs are slower than one large one):
   --train (forward, then torch.autograd.grad into the input, h0 and every parameter): those two, and the
   backward's [T*B, H] x [H, H] (BPTT's dz W_hh), [T*B, H] x [H, I] (dx), [H, T*B] x [T*B, I] (dW_ih) and
   [H, T*B] x [T*B, H] (dW_hh).
+Each GEMM of the floor runs on the faster of torch's BLAS (torch.mm) and oneDNN (torch._C._nn.mkldnn_linear on
+tensors already in oneDNN's layout), chosen by a short calibration: on an AMD EPYC with AVX-512, MKL's sgemm
+runs AVX2 kernels at under half of oneDNN's rate (benchmarks/NOTES.md, "GEMMs on an AMD EPYC with AVX-512").
 Interleaved: each round one sample of each after one untimed call each; the ratio is the median of the
 per-round ratios (p20-p80).
 
@@ -39,7 +42,7 @@ def main() -> None:
     leaves = [x_grad, h0_grad, *model.parameters()]
     grads = (torch.randn(T, B, H), torch.randn(1, B, H))
 
-    def floor():
+    def floor_blas():
         torch.mm(a, w.t(), out=out)  # the projection
         torch.mm(a, w.t(), out=out)  # the recurrence
         if args.train:
@@ -47,6 +50,36 @@ def main() -> None:
             torch.mm(a, w, out=out)  # dx
             torch.mm(a.t(), a)       # dW_ih
             torch.mm(a.t(), a)       # dW_hh
+
+    floors = {"BLAS (torch.mm)": floor_blas}
+    if torch.backends.mkldnn.is_available():
+        a_d, w_d, w_t_d = a.to_mkldnn(), w.to_mkldnn(), w.t().contiguous().to_mkldnn()
+        a_t_d = a.t().contiguous().to_mkldnn()
+        linear = torch._C._nn.mkldnn_linear  # X W^T
+
+        def floor_onednn():
+            linear(a_d, w_d)  # the projection
+            linear(a_d, w_d)  # the recurrence
+            if args.train:
+                linear(a_d, w_t_d)  # BPTT's dz W_hh
+                linear(a_d, w_t_d)  # dx
+                linear(a_t_d, a_t_d)  # dW_ih = a^T a
+                linear(a_t_d, a_t_d)  # dW_hh
+
+        floors["oneDNN (mkldnn_linear)"] = floor_onednn
+
+    def median_ms(fn, n=5):
+        fn()
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    calibration = {name: median_ms(fn) for name, fn in floors.items()}
+    floor_name = min(calibration, key=calibration.get)
+    floor = floors[floor_name]
 
     def ours():
         if args.train:
@@ -65,6 +98,8 @@ def main() -> None:
             samples[name].append((time.perf_counter() - t0) * 1e3)
     ratios = sorted(o / f for o, f in zip(samples[label], samples["GEMM floor"]))
     print(f"T={T} B={B} I=H={H}, {args.threads} thread(s), {args.rounds} rounds, torch {torch.__version__}")
+    print("  floor's GEMMs on " + floor_name + " (calibration: "
+          + ", ".join(f"{name} {ms:.2f} ms" for name, ms in calibration.items()) + ")")
     for name, ms in samples.items():
         print(f"  {name:17s} {statistics.median(ms):8.2f} ms")
     print(f"  ours / floor      {statistics.median(ratios):8.3f}x (p20 {percentile(ratios, 20):.3f}, "
