@@ -6,6 +6,7 @@ TORCH_CUDA_ARCH_LIST is honoured (default "8.0;9.0"); MAX_JOBS for ninja; DEBUG=
 """
 import glob
 import os
+import sys
 
 # torch guesses CUDA_HOME from the first nvcc on PATH; a wrapper script there (as on our build machines)
 # misleads it, so prefer the standard toolkit location before torch.utils.cpp_extension is imported.
@@ -33,13 +34,21 @@ sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 # tanh, relu's derivative), since either could raise an FP exception that scalar code would not; nothing
 # here reads FP exception flags. It does not assume finite math: NaN and Inf keep their IEEE behaviour.
 cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["-fno-trapping-math"]
+# -fopenmp: at::parallel_for is a header template that runs its body serially in a translation unit compiled
+# without OpenMP, so without it the CPU kernels' parallel loops (a layer's directions, oneDNN's GEMM blocks)
+# never used a second thread. Linked as libgomp.so.1, the soname of the OpenMP runtime torch loads first (its
+# wheel ships it), so the process keeps one thread pool.
+link_flags = []
+if sys.platform.startswith("linux"):
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 extra = {"cxx": cxx_flags}
 if with_cuda:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
     extra["nvcc"] = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
-    extension = CUDAExtension("rnn_fused._C", sources, extra_compile_args=extra)
+    extension = CUDAExtension("rnn_fused._C", sources, extra_compile_args=extra, extra_link_args=link_flags)
 else:
-    extension = CppExtension("rnn_fused._C", sources, extra_compile_args=extra)
+    extension = CppExtension("rnn_fused._C", sources, extra_compile_args=extra, extra_link_args=link_flags)
 
 setup(
     ext_modules=[extension],

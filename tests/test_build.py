@@ -31,3 +31,14 @@ def _cuda_toolkit() -> str | None:
 def test_cuda_kernels_are_compiled_when_possible():
     assert _extension.has_kernel("recurrence_forward", "CUDA")
     assert _extension.has_kernel("recurrence_backward", "CUDA")
+
+
+@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux only")
+def test_cpu_kernels_are_built_with_openmp():
+    """at::parallel_for is a header template: in a translation unit built without OpenMP it runs its body on
+    one thread, so a layer's directions and oneDNN's GEMM blocks (csrc/cpu) would never use a second thread.
+    Built with it, the extension calls OpenMP's parallel entry (GOMP_parallel, named in its dynamic symbols)."""
+    import rnn_fused._C as C
+
+    with open(C.__file__, "rb") as f:
+        assert b"GOMP_parallel" in f.read()

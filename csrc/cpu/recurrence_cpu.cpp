@@ -24,6 +24,7 @@
 
 #include "activation.h"
 #include "blas.h"
+#include "gemm_onednn.h"
 #include "step_avx512.h"
 #include "step_tile.h"
 #include "transpose.h"
@@ -239,9 +240,12 @@ bool all_steps_blas(const RecurrenceProblem& p) {
 // BLAS too: there the AVX2 tile only ties MKL (recurrence op alone, median of 3 alternating runs: T128 B64
 // H256 0.97-1.11x, T256 B16 H128 1.09-1.42x), where its backward wins (0.78-0.95x) and so do its steps of
 // fewer rows (T64 B1 H512 0.65-0.72x forward).
+// Where the large float32 GEMMs run on oneDNN's micro-kernel (gemm_onednn.h), a step of B <= 64 rows is one
+// block of it, on one thread, with W_hh^T copied per step, where the tile step runs at oneDNN's rate without a
+// copy: there the tile step keeps the steps whatever the thread count.
 template <typename T>
 bool use_tile_step(const RecurrenceProblem& p, bool forward) {
-  const bool threads_left_for_blas = at::get_num_threads() > p.D && use_blas<T>(p.B, p.H);
+  const bool threads_left_for_blas = !onednn::chosen() && at::get_num_threads() > p.D && use_blas<T>(p.B, p.H);
   const bool blas_keeps_avx2_forward =
       forward && tile::isa() == tile::Isa::Avx2 && p.B > kAvx2TileForwardMaxRows && use_blas<T>(p.B, p.H);
   return std::is_same_v<T, float> && tile::available() && !threads_left_for_blas && !blas_keeps_avx2_forward &&
