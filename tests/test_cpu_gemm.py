@@ -1,5 +1,6 @@
-"""The CPU kernels' large float32 GEMMs on oneDNN's micro-kernel (csrc/cpu/gemm_onednn.cpp): layers whose every
-GEMM is large enough to take it (blocks of rows, columns and K that are not multiples of 64 / 256, two
+"""The CPU kernels' float32 GEMMs off BLAS: the small ones on the AVX-512 tile kernels (step_avx512.h,
+small_gemm: every operand layout, panels and row blocks cut at odd sizes), and the large ones on oneDNN's
+micro-kernel (csrc/cpu/gemm_onednn.cpp): layers whose every GEMM is large enough to take it (blocks of rows, columns and K that are not multiples of 64 / 256, two
 directions side by side in a row, a forward of per-step GEMMs) against float64 nn.RNN, on whichever GEMM this
 process chose and, in child processes, on each of the two forced; that oneDNN's kernels really run where
 chosen (its own verbose log), that torch's oneDNN switch sends them back to BLAS, that the thread count does
@@ -17,6 +18,7 @@ import rnn_fused._C as C
 
 from .conftest import EXTENSION_ERROR, assert_matches
 from .test_cpu_layer import _in_float32_torch, _pair, _run
+from .test_cpu_step import _cpu_has_avx512
 
 assert EXTENSION_ERROR is None, EXTENSION_ERROR
 
@@ -42,6 +44,35 @@ def test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity,
         assert_matches(got[k], expected[k], yard[k], name=f"{C.cpu_gemm()} {k}")
     for k in expected_grads:
         assert_matches(got_grads[k], expected_grads[k], yard_grads[k], name=f"{C.cpu_gemm()} grad {k}")
+
+
+# (T, B, I, H, bidirectional), every GEMM below 2^18 multiply-adds (the small path where the CPU has AVX-512,
+# else BLAS): one unit; a projection of 4 rows (dot products along W_ih's rows) and of 6 (BLAS); dx with 65
+# and 130 columns (a masked last panel), dW_ih with M = 129 and 258 (row blocks of 6 and a remainder, two
+# directions) summed over K = 5 and 7 rows read transposed; I = 1.
+SMALL_SHAPES = [(1, 1, 3, 1, False), (1, 4, 65, 64, False), (2, 3, 65, 17, True), (5, 1, 130, 129, True),
+                (3, 2, 1, 70, False)]
+
+
+@pytest.mark.parametrize("T,B,I,H,bidirectional", SMALL_SHAPES)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_small_gemm_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread):
+    test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread)
+
+
+@pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU has no AVX-512")
+def test_small_gemms_leave_blas_where_the_cpu_has_avx512():
+    """Bits of a small layer's fwd+bwd with the AVX-512 kernels on and off (RNN_FUSED_CPU_AVX512=0 gives BLAS's
+    GEMMs and the AVX2 step): identical bits would mean small_gemm is not the path taken."""
+    code = ("import torch\nfrom rnn_fused import FusedRNN\n"
+            "torch.set_num_threads(1); torch.manual_seed(0)\n"
+            "m = FusedRNN(65, 70, backend='cpu'); x = torch.randn(3, 2, 65, requires_grad=True)\n"
+            "out, _ = m(x); grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])\n"
+            "print(*[g.double().sum().item().hex() for g in grads[:3]])\n")
+    on = _run_with({"RNN_FUSED_CPU_AVX512": "1"}, "-c", code).stdout.split()
+    off = _run_with({"RNN_FUSED_CPU_AVX512": "0"}, "-c", code).stdout.split()
+    assert on[0] != off[0], "dx: the same bits with the AVX-512 kernels on and off"
+    assert on[1] != off[1], "dW_ih: the same bits with the AVX-512 kernels on and off"
 
 
 def _run_with(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -1,9 +1,12 @@
 // The GEMMs of the CPU kernels (recurrence_cpu.cpp, layer_cpu.cpp) and of FusedRNNCell's CPU step
 // (csrc/rnn_cell.cpp), declared and wrapped once: the BLAS GEMM that torch's own BLAS exports (MKL or
-// OpenBLAS), except the large float32 ones on a CPU where oneDNN's micro-kernel is the faster (gemm_onednn.h).
+// OpenBLAS), except the large float32 ones on a CPU where oneDNN's micro-kernel is the faster (gemm_onednn.h)
+// and the small float32 ones on a CPU with AVX-512 (takes_small_gemm).
 #pragma once
 
 #include "gemm_onednn.h"
+#include "step_avx512.h"
+#include "step_tile.h"
 
 #include <c10/util/Exception.h>
 
@@ -22,6 +25,16 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace rnn_fused {
 
+// Whether a float32 GEMM of rows x N x K multiply-adds takes the AVX-512 tile kernels (avx512::small_gemm)
+// instead of BLAS: below 2^18 multiply-adds, where BLAS's setup per call is no longer small against the
+// arithmetic (MKL on an AMD EPYC Zen 5 core: 1.7-2.0 us for each 16 x 64 x 64 GEMM of a T = 16, B = 1, H = 64
+// layer, 65 K multiply-adds; the tile kernels 0.8-1.2 us, benchmarks/NOTES.md "Small GEMMs"); from there up
+// oneDNN or BLAS are as fast. With M^T (m_transposed) only up to 4 rows: its dot products end in one
+// horizontal sum per output, and 16 rows of the projection took 2.4 us against MKL's 1.7.
+inline bool takes_small_gemm(int64_t rows, int64_t N, int64_t K, bool m_transposed) {
+  return tile::isa() == tile::Isa::Avx512 && rows * N * K < (int64_t(1) << 18) && (!m_transposed || rows <= 4);
+}
+
 inline bool blas_available(float*) { return sgemm_ != nullptr; }
 inline bool blas_available(double*) { return dgemm_ != nullptr; }
 
@@ -35,6 +48,8 @@ void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int6
   if constexpr (std::is_same_v<T, float>) {
     if (onednn::takes(rows, N, K, /*copies_b=*/transpose_m))
       return onednn::gemm_rows(a, lda, m, transpose_m, c, ldc, rows, N, K, beta != T(0));
+    if (takes_small_gemm(rows, N, K, transpose_m))
+      return avx512::small_gemm(a, lda, false, m, transpose_m ? K : N, transpose_m, c, ldc, rows, N, K, beta != T(0));
   }
   const int mi = static_cast<int>(N), ni = static_cast<int>(rows), ki = static_cast<int>(K);
   const int lda_i = static_cast<int>(lda), ldm = static_cast<int>(transpose_m ? K : N), ldc_i = static_cast<int>(ldc);
@@ -56,6 +71,8 @@ void gemm_transposed_a(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, i
   if constexpr (std::is_same_v<T, float>) {
     if (onednn::takes(M, N, K, /*copies_b=*/false))
       return onednn::gemm_transposed_a(a, lda, b, ldb, c, ldc, M, N, K, beta != T(0));
+    if (takes_small_gemm(M, N, K, /*m_transposed=*/false))
+      return avx512::small_gemm(a, lda, true, b, ldb, false, c, ldc, M, N, K, beta != T(0));
   }
   const int mi = static_cast<int>(N), ni = static_cast<int>(M), ki = static_cast<int>(K);
   const int lda_i = static_cast<int>(lda), ldb_i = static_cast<int>(ldb), ldc_i = static_cast<int>(ldc);

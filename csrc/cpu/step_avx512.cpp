@@ -51,10 +51,12 @@ namespace {
 
 #define RNN_FUSED_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
 
-// Rows [0, kRows) of one panel: columns [0, width) of out. `panel` is the panel's column 0 at k = 0.
-// kFull: width == kPanelWidth, so the loads of m need no mask (masked loads in the k loop halve the speed).
-template <int kRows, bool kInit, bool kFull>
-RNN_FUSED_AVX512 inline void block(const float* __restrict panel, int64_t ld, int64_t H,
+// Rows [0, kRows) of one panel: columns [0, width) of out, over k < K. `panel` is the panel's column 0 at
+// k = 0. kFull: width == kPanelWidth, so the loads of m need no mask (masked loads in the k loop halve the
+// speed). kInTransposed: in's element (r, k) is in[k * in_stride + r] (the weight gradients' dz^T), else
+// in[r * in_stride + k].
+template <int kRows, bool kInit, bool kFull, bool kInTransposed = false>
+RNN_FUSED_AVX512 inline void block(const float* __restrict panel, int64_t ld, int64_t K,
                                    const float* __restrict in, int64_t in_stride, const float* init,
                                    int64_t init_stride, float* out, int64_t out_stride, int64_t width,
                                    bool activation, Activation act) {
@@ -67,14 +69,14 @@ RNN_FUSED_AVX512 inline void block(const float* __restrict panel, int64_t ld, in
   for (int r = 0; r < kRows; ++r)
     for (int64_t v = 0; v < kVectors; ++v)
       acc[r][v] = kInit ? _mm512_maskz_loadu_ps(mask[v], init + r * init_stride + 16 * v) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < H; ++k) {
+  for (int64_t k = 0; k < K; ++k) {
     // Masked in a narrow panel: the last panel of a row-major m is narrower than the panel, and its row ends
     // there.
     __m512 w[kVectors];
     for (int64_t v = 0; v < kVectors; ++v)
       w[v] = kFull ? _mm512_loadu_ps(panel + k * ld + 16 * v) : _mm512_maskz_loadu_ps(mask[v], panel + k * ld + 16 * v);
     for (int r = 0; r < kRows; ++r) {
-      const __m512 x = _mm512_set1_ps(in[r * in_stride + k]);
+      const __m512 x = _mm512_set1_ps(kInTransposed ? in[k * in_stride + r] : in[r * in_stride + k]);
       for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = _mm512_fmadd_ps(x, w[v], acc[r][v]);
     }
   }
@@ -90,19 +92,19 @@ RNN_FUSED_AVX512 inline void block(const float* __restrict panel, int64_t ld, in
   }
 }
 
-template <bool kInit, bool kFull>
-RNN_FUSED_AVX512 void panel_rows(const float* panel, int64_t ld, int64_t H, const float* in, int64_t in_stride,
+template <bool kInit, bool kFull, bool kInTransposed = false>
+RNN_FUSED_AVX512 void panel_rows(const float* panel, int64_t ld, int64_t K, const float* in, int64_t in_stride,
                                  const float* init, int64_t init_stride, float* out, int64_t out_stride, int64_t rows,
                                  int64_t width, bool activation, Activation act) {
   for (int64_t r = 0; r < rows; r += kRowBlock) {
-    const float* in_r = in + r * in_stride;
+    const float* in_r = kInTransposed ? in + r : in + r * in_stride;
     const float* init_r = kInit ? init + r * init_stride : nullptr;
     float* out_r = out + r * out_stride;
     switch (std::min<int64_t>(kRowBlock, rows - r)) {
 #define RNN_FUSED_BLOCK(n)                                                                                     \
   case n:                                                                                                      \
-    block<n, kInit, kFull>(panel, ld, H, in_r, in_stride, init_r, init_stride, out_r, out_stride, width,       \
-                           activation, act);                                                                   \
+    block<n, kInit, kFull, kInTransposed>(panel, ld, K, in_r, in_stride, init_r, init_stride, out_r, out_stride, \
+                                          width, activation, act);                                             \
     break;
       RNN_FUSED_BLOCK(1) RNN_FUSED_BLOCK(2) RNN_FUSED_BLOCK(3) RNN_FUSED_BLOCK(4) RNN_FUSED_BLOCK(5)
       RNN_FUSED_BLOCK(6)
@@ -111,32 +113,33 @@ RNN_FUSED_AVX512 void panel_rows(const float* panel, int64_t ld, int64_t H, cons
   }
 }
 
-template <bool kInit>
-RNN_FUSED_AVX512 void rows_times_impl(const StepMatrix& m, int64_t H, const float* in, int64_t in_stride,
+// out[rows, N] = finish(init + in[rows, K] m[K, N]), by panels of m's columns.
+template <bool kInit, bool kInTransposed = false>
+RNN_FUSED_AVX512 void rows_times_impl(const StepMatrix& m, int64_t K, int64_t N, const float* in, int64_t in_stride,
                                       const float* init, int64_t init_stride, float* out, int64_t out_stride,
                                       int64_t rows, bool activation, Activation act) {
-  for (int64_t p = 0; p < panels(H); ++p) {
+  for (int64_t p = 0; p < panels(N); ++p) {
     const float* panel = m.data + p * m.panel_stride;
-    const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, H - c0);
+    const int64_t c0 = p * kPanelWidth, width = std::min(kPanelWidth, N - c0);
     const float* init_c = kInit ? init + c0 : nullptr;
     if (width == kPanelWidth)
-      panel_rows<kInit, true>(panel, m.ld, H, in, in_stride, init_c, init_stride, out + c0, out_stride, rows, width,
-                              activation, act);
+      panel_rows<kInit, true, kInTransposed>(panel, m.ld, K, in, in_stride, init_c, init_stride, out + c0, out_stride,
+                                             rows, width, activation, act);
     else
-      panel_rows<kInit, false>(panel, m.ld, H, in, in_stride, init_c, init_stride, out + c0, out_stride, rows, width,
-                               activation, act);
+      panel_rows<kInit, false, kInTransposed>(panel, m.ld, K, in, in_stride, init_c, init_stride, out + c0,
+                                              out_stride, rows, width, activation, act);
   }
 }
 
-// Outputs [n0, n0 + 16) of one row before the activation, by dot products: 16 zmm accumulators, one per
-// output, over k by 16 lanes (the last H % 16 lanes masked), reduced at the end. Output rows of m past H - 1 read row
-// H - 1 (valid memory) and are not stored.
-RNN_FUSED_AVX512 inline void dots16(const float* __restrict m, int64_t H, int64_t n0, const float* __restrict x,
-                                    const float* init, float* out) {
-  const int64_t k_full = H / 16 * 16;
-  const __mmask16 k_tail = __mmask16((1u << (H - k_full)) - 1);
+// Outputs [n0, n0 + 16) of one row before the activation, by dot products of x [K] with rows of m [N, K] (ldm
+// apart): 16 zmm accumulators, one per output, over k by 16 lanes (the last K % 16 lanes masked), reduced at
+// the end. Output rows of m past N - 1 read row N - 1 (valid memory) and are not stored. init null: zeros.
+RNN_FUSED_AVX512 inline void dots16(const float* __restrict m, int64_t ldm, int64_t K, int64_t N, int64_t n0,
+                                    const float* __restrict x, const float* init, float* out) {
+  const int64_t k_full = K / 16 * 16;
+  const __mmask16 k_tail = __mmask16((1u << (K - k_full)) - 1);
   const float* row[16];
-  for (int j = 0; j < 16; ++j) row[j] = m + std::min(n0 + j, H - 1) * H;
+  for (int j = 0; j < 16; ++j) row[j] = m + std::min(n0 + j, N - 1) * ldm;
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_full; k += 16) {
@@ -147,17 +150,20 @@ RNN_FUSED_AVX512 inline void dots16(const float* __restrict m, int64_t H, int64_
     const __m512 xv = _mm512_maskz_loadu_ps(k_tail, x + k_full);
     for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k_tail, row[j] + k_full), xv, acc[j]);
   }
-  const int64_t n = std::min<int64_t>(16, H - n0);
-  for (int64_t j = 0; j < n; ++j) out[n0 + j] = init[n0 + j] + _mm512_reduce_add_ps(acc[j]);
+  const int64_t n = std::min<int64_t>(16, N - n0);
+  for (int64_t j = 0; j < n; ++j) out[n0 + j] = (init ? init[n0 + j] : 0.f) + _mm512_reduce_add_ps(acc[j]);
 }
 
-RNN_FUSED_AVX512 void rows_times_transposed_impl(const float* m, int64_t H, const float* in, int64_t in_stride,
-                                                 const float* init, int64_t init_stride, float* out,
-                                                 int64_t out_stride, int64_t rows, Activation act) {
+// out[r, n] = finish(init[r, n] + sum_k in[r, k] m[n, k]) for r < rows, n < N, k < K; init null: zeros.
+RNN_FUSED_AVX512 void rows_times_transposed_impl(const float* m, int64_t ldm, int64_t K, int64_t N, const float* in,
+                                                 int64_t in_stride, const float* init, int64_t init_stride, float* out,
+                                                 int64_t out_stride, int64_t rows, bool activation, Activation act) {
   for (int64_t r = 0; r < rows; ++r) {
     float* o = out + r * out_stride;  // may be init's row (the in-place forward): no __restrict
-    for (int64_t n0 = 0; n0 < H; n0 += 16) dots16(m, H, n0, in + r * in_stride, init + r * init_stride, o);
-    for (int64_t i = 0; i < H; ++i) o[i] = activate(o[i], act);  // the row in L1, as block's activation pass
+    for (int64_t n0 = 0; n0 < N; n0 += 16)
+      dots16(m, ldm, K, N, n0, in + r * in_stride, init ? init + r * init_stride : nullptr, o);
+    if (activation)
+      for (int64_t i = 0; i < N; ++i) o[i] = activate(o[i], act);  // the row in L1, as block's activation pass
   }
 }
 
@@ -165,7 +171,24 @@ RNN_FUSED_AVX512 void rows_times_transposed_impl(const float* m, int64_t H, cons
 
 void rows_times_transposed(const float* m, int64_t H, const float* in, int64_t in_stride, const float* init,
                            int64_t init_stride, float* out, int64_t out_stride, int64_t rows, Activation act) {
-  rows_times_transposed_impl(m, H, in, in_stride, init, init_stride, out, out_stride, rows, act);
+  rows_times_transposed_impl(m, H, H, H, in, in_stride, init, init_stride, out, out_stride, rows, true, act);
+}
+
+void small_gemm(const float* a, int64_t a_stride, bool a_transposed, const float* m, int64_t ldm, bool m_transposed,
+                float* c, int64_t ldc, int64_t rows, int64_t N, int64_t K, bool accumulate) {
+  TORCH_INTERNAL_ASSERT(!(a_transposed && m_transposed), "rnn_fused: small_gemm takes one operand transposed");
+  if (m_transposed)  // C = A M^T, M [N, K]: dot products along M's rows
+    return rows_times_transposed_impl(m, ldm, K, N, a, a_stride, accumulate ? c : nullptr, ldc, c, ldc, rows, false,
+                                      Activation::Tanh);
+  const StepMatrix mk{m, ldm, kPanelWidth};  // M [K, N] as it lies: panels of 64 columns, ldm apart per k
+  if (accumulate && a_transposed)
+    rows_times_impl<true, true>(mk, K, N, a, a_stride, c, ldc, c, ldc, rows, false, Activation::Tanh);
+  else if (accumulate)
+    rows_times_impl<true>(mk, K, N, a, a_stride, c, ldc, c, ldc, rows, false, Activation::Tanh);
+  else if (a_transposed)
+    rows_times_impl<false, true>(mk, K, N, a, a_stride, nullptr, 0, c, ldc, rows, false, Activation::Tanh);
+  else
+    rows_times_impl<false>(mk, K, N, a, a_stride, nullptr, 0, c, ldc, rows, false, Activation::Tanh);
 }
 
 bool cpu_has() {
@@ -177,9 +200,9 @@ bool cpu_has() {
 void rows_times(const StepMatrix& m, int64_t H, const float* in, int64_t in_stride, const float* init,
                 int64_t init_stride, float* out, int64_t out_stride, int64_t rows, bool activation, Activation act) {
   if (init)
-    rows_times_impl<true>(m, H, in, in_stride, init, init_stride, out, out_stride, rows, activation, act);
+    rows_times_impl<true>(m, H, H, in, in_stride, init, init_stride, out, out_stride, rows, activation, act);
   else
-    rows_times_impl<false>(m, H, in, in_stride, init, init_stride, out, out_stride, rows, activation, act);
+    rows_times_impl<false>(m, H, H, in, in_stride, init, init_stride, out, out_stride, rows, activation, act);
 }
 
 #else  // not x86-64: the portable loops of recurrence_cpu.cpp do every step
@@ -193,6 +216,11 @@ void rows_times(const StepMatrix&, int64_t, const float*, int64_t, const float*,
 
 void rows_times_transposed(const float*, int64_t, const float*, int64_t, const float*, int64_t, float*, int64_t,
                            int64_t, Activation) {
+  TORCH_INTERNAL_ASSERT(false, "rnn_fused: the AVX-512 step is not built for this architecture");
+}
+
+void small_gemm(const float*, int64_t, bool, const float*, int64_t, bool, float*, int64_t, int64_t, int64_t, int64_t,
+                bool) {
   TORCH_INTERNAL_ASSERT(false, "rnn_fused: the AVX-512 step is not built for this architecture");
 }
 
