@@ -10,6 +10,7 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -38,16 +39,23 @@ inline bool takes_small_gemm(int64_t rows, int64_t N, int64_t K, bool m_transpos
 inline bool blas_available(float*) { return sgemm_ != nullptr; }
 inline bool blas_available(double*) { return dgemm_ != nullptr; }
 
-// Row-major C[rows, N] (ldc) = A[rows, K] (lda) x op(M) + beta * C, M row-major: op(M) = M^T with M [N, K]
-// if transpose_m, else M [K, N]. In BLAS's column-major view every row-major matrix is transposed, so
-// C^T = op(M)^T A^T. Every size > 0 (BLAS refuses a leading dimension of 0). beta is 0 or 1.
+// Row-major C[rows, N] (ldc) = A[rows, K] (lda) x op(M) + beta * C (+ row_bias [N] on every row, with beta 0),
+// M row-major: op(M) = M^T with M [N, K] if transpose_m, else M [K, N]. In BLAS's column-major view every
+// row-major matrix is transposed, so C^T = op(M)^T A^T. Every size > 0 (BLAS refuses a leading dimension of
+// 0). beta is 0 or 1.
 template <typename T>
 void gemm_rows(const T* a, int64_t lda, const T* m, bool transpose_m, T* c, int64_t ldc, int64_t rows, int64_t N,
-               int64_t K, T beta) {
-  TORCH_INTERNAL_ASSERT(beta == T(0) || beta == T(1));
+               int64_t K, T beta, const T* row_bias = nullptr) {
+  TORCH_INTERNAL_ASSERT((beta == T(0) || beta == T(1)) && !(row_bias && beta != T(0)));
   if constexpr (std::is_same_v<T, float>) {
     if (onednn::takes(rows, N, K, /*copies_b=*/transpose_m))
-      return onednn::gemm_rows(a, lda, m, transpose_m, c, ldc, rows, N, K, beta != T(0));
+      return onednn::gemm_rows(a, lda, m, transpose_m, c, ldc, rows, N, K, beta != T(0), row_bias);
+  }
+  if (row_bias) {  // C starts as the bias rows, and the product accumulates onto them
+    for (int64_t r = 0; r < rows; ++r) std::copy(row_bias, row_bias + N, c + r * ldc);
+    beta = T(1);
+  }
+  if constexpr (std::is_same_v<T, float>) {
     if (takes_small_gemm(rows, N, K, transpose_m))
       return avx512::small_gemm(a, lda, false, m, transpose_m ? K : N, transpose_m, c, ldc, rows, N, K, beta != T(0));
   }

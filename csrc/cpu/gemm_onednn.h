@@ -21,10 +21,10 @@ const char* gemm_name();  // "onednn" or "blas": which one chosen() gives (tests
 // transposed first, `copies_b`, the copy).
 bool takes(int64_t rows, int64_t N, int64_t K, bool copies_b);
 
-// Row-major C[rows, N] (ldc) = A[rows, K] (lda) x op(M) (+ C if accumulate), op(M) = M^T with M [N, K] if
-// transpose_m, else M [K, N]: blas.h's gemm_rows.
+// Row-major C[rows, N] (ldc) = A[rows, K] (lda) x op(M) (+ C if accumulate) (+ row_bias [N] on every row, if
+// given), op(M) = M^T with M [N, K] if transpose_m, else M [K, N]: blas.h's gemm_rows.
 void gemm_rows(const float* a, int64_t lda, const float* m, bool transpose_m, float* c, int64_t ldc, int64_t rows,
-               int64_t N, int64_t K, bool accumulate);
+               int64_t N, int64_t K, bool accumulate, const float* row_bias);
 
 // Row-major C[M, N] (ldc) = A^T B (+ C if accumulate), A [K, M] (lda), B [K, N] (ldb): blas.h's
 // gemm_transposed_a (the weight gradients).

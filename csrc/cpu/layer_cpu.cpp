@@ -84,17 +84,17 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
   at::Tensor output = cpu_empty<T>({T_, B, DH});
   T* z = output.data_ptr<T>();
   const bool biases = !w.b_ih.empty();
-  if (biases) {  // each row starts as b_ih + b_hh, summed per direction as layer_of_ops sums them
-    std::vector<T> bias(DH);
+  std::vector<T> bias;
+  if (biases) {  // every row gets b_ih + b_hh, summed per direction as layer_of_ops sums them
+    bias.resize(DH);
     for (int64_t d = 0; d < D; ++d) {
       const T *bi = w.b_ih[d].data_ptr<T>(), *bh = w.b_hh[d].data_ptr<T>();
       for (int64_t i = 0; i < H; ++i) bias[d * H + i] = bi[i] + bh[i];
     }
-    for (int64_t r = 0; r < rows; ++r) std::memcpy(z + r * DH, bias.data(), DH * sizeof(T));
   }
   std::vector<T> scratch;
-  gemm_rows<T>(x.data_ptr<T>(), I, input_weights<T>(w, scratch), /*transpose_m=*/true, z, DH, rows, DH, I,
-               biases ? T(1) : T(0));
+  gemm_rows<T>(x.data_ptr<T>(), I, input_weights<T>(w, scratch), /*transpose_m=*/true, z, DH, rows, DH, I, T(0),
+               biases ? bias.data() : nullptr);
   at::Tensor h_last = cpu_empty<T>({D, B, H});
   recurrence_forward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), z,
                              h0.data_ptr<T>(), z, h_last.data_ptr<T>());
