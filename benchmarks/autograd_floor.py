@@ -95,6 +95,7 @@ def main() -> None:
     print(f"T={T} B={B} I=H={H}, fwd+bwd (torch.autograd.grad into x, h0 and the 4 parameters), 1 thread, "
           f"{args.rounds} rounds x {args.calls} calls, torch {torch.__version__}")
     for name, us in samples.items():
+        us = sorted(us)
         print(f"  {name:24s} {statistics.median(us):7.2f} us (p20 {percentile(us, 20):.2f}, p80 {percentile(us, 80):.2f})")
     extra = sorted(o - f for o, f in zip(samples["FusedRNN"], samples["no-op autograd Function"]))
     print(f"  ours - no-op             {statistics.median(extra):7.2f} us (p20 {percentile(extra, 20):.2f}, "
