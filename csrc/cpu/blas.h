@@ -29,7 +29,8 @@ namespace rnn_fused {
 // Whether a float32 GEMM of rows x N x K multiply-adds takes the AVX-512 tile kernels (avx512::small_gemm)
 // instead of BLAS: below 2^18 multiply-adds, where BLAS's setup per call is no longer small against the
 // arithmetic (MKL on an AMD EPYC Zen 5 core: 1.7-2.0 us for each 16 x 64 x 64 GEMM of a T = 16, B = 1, H = 64
-// layer, 65 K multiply-adds; the tile kernels 0.8-1.2 us, benchmarks/NOTES.md "Small GEMMs"); from there up
+// layer, 65 K multiply-adds; the tile kernels 0.8-1.3 us, benchmarks/NOTES.md "GEMMs on an AMD EPYC with
+// AVX-512"); from there up
 // oneDNN or BLAS are as fast. With M^T (m_transposed) only up to 4 rows: its dot products end in one
 // horizontal sum per output, and 16 rows of the projection took 2.4 us against MKL's 1.7.
 inline bool takes_small_gemm(int64_t rows, int64_t N, int64_t K, bool m_transposed) {

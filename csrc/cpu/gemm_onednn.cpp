@@ -8,12 +8,14 @@
 // flash attention), so no GEMM of our own is written.
 //
 // Decomposition: C in blocks of kRows x kCols (64 x 64), K in chunks of kDepth (256); one micro-kernel call
-// per (block, chunk), accumulating into the block while it is in L1. Blocks of rows run in parallel
+// per (block, chunk), accumulating into the block while it is in L1 (gemm_transposed_a: the chunks of K
+// outermost, so that a chunk of B stays in L2 for every block). Blocks of rows run in parallel
 // (at::parallel_for); each block is one thread's and sums its chunks in the same order, so the bits do not
 // depend on the number of threads.
 // Memory: the micro-kernel reads A as rows [M, K] and B as rows [K, N]. gemm_rows with M^T (the projection's
 // W_ih as it lies, [N, K]) first transposes M into a buffer of N * K floats; gemm_transposed_a transposes each
-// [kDepth, kRows] piece of A into a buffer of one block (64 KB) per thread. C is written in place.
+// [kDepth, kRows] piece of A into a buffer of one block (64 KB) per thread; both in 16 x 16 AVX-512 register
+// tiles. C is written in place.
 // Kernels: torch caches one generated kernel per shape and thread (~35-50 us to generate): a GEMM uses at most
 // 2 x 2 x 2 shapes (full and last block of rows, of columns and of K), x 2 where it accumulates.
 #include "gemm_onednn.h"

@@ -8,6 +8,9 @@
 // FMAs. The activation is applied to the block while it is in L1, right after it is stored.
 // Small forward steps of short calls (rows_times_transposed): one row at a time, 16 outputs at a time, each a
 // dot product of a row of W_hh with h (16 accumulators, reduced at the end): no packed copy, no BLAS call.
+// Small GEMMs of the layer (small_gemm, taken by blas.h below 2^18 multiply-adds): the same two kernels on
+// [K, N] matrices read as they lie (the tile, whose left operand may be read transposed: dW = dz^T x) or on
+// the rows of an [N, K] matrix (the dot products).
 // Memory: m is read as it lies (the backward's W_hh: row-major, nothing copied) or from the packed W_hh^T of
 // the forward, [ceil(H / 64), H, 64], made once per call, each panel contiguous (one 256-byte run per k). A
 // panel (H * 256 bytes: 32 KB at H = 128) stays in L1/L2 while every row block of the step reads it.
