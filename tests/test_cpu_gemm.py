@@ -62,17 +62,19 @@ def test_small_gemm_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity,
 
 @pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU has no AVX-512")
 def test_small_gemms_leave_blas_where_the_cpu_has_avx512():
-    """Bits of a small layer's fwd+bwd with the AVX-512 kernels on and off (RNN_FUSED_CPU_AVX512=0 gives BLAS's
-    GEMMs and the AVX2 step): identical bits would mean small_gemm is not the path taken."""
-    code = ("import torch\nfrom rnn_fused import FusedRNN\n"
+    """Bits of a small layer's forward and gradients by default and with every GEMM on BLAS
+    (RNN_FUSED_CPU_GEMM=blas; the recurrence's kernels are the same in both): the output of a projection of 3
+    rows (dot products) and dx (the tile, K = 70) must differ, or small_gemm is not the path taken."""
+    code = ("import torch, rnn_fused._C as C\nfrom rnn_fused import FusedRNN\n"
             "torch.set_num_threads(1); torch.manual_seed(0)\n"
-            "m = FusedRNN(65, 70, backend='cpu'); x = torch.randn(3, 2, 65, requires_grad=True)\n"
-            "out, _ = m(x); grads = torch.autograd.grad(out.square().sum(), [x, *m.parameters()])\n"
-            "print(*[g.double().sum().item().hex() for g in grads[:3]])\n")
-    on = _run_with({"RNN_FUSED_CPU_AVX512": "1"}, "-c", code).stdout.split()
-    off = _run_with({"RNN_FUSED_CPU_AVX512": "0"}, "-c", code).stdout.split()
-    assert on[0] != off[0], "dx: the same bits with the AVX-512 kernels on and off"
-    assert on[1] != off[1], "dW_ih: the same bits with the AVX-512 kernels on and off"
+            "m = FusedRNN(65, 70, backend='cpu'); x = torch.randn(1, 3, 65, requires_grad=True)\n"
+            "out, _ = m(x); dx, = torch.autograd.grad(out.square().sum(), [x])\n"
+            "print(C.cpu_gemm(), out.double().sum().item().hex(), dx.double().sum().item().hex())\n")
+    default = _run_with({"RNN_FUSED_CPU_GEMM": ""}, "-c", code).stdout.split()
+    blas = _run_with({"RNN_FUSED_CPU_GEMM": "blas"}, "-c", code).stdout.split()
+    assert blas[0] == "blas"
+    assert default[1] != blas[1], "the projection: the same bits as BLAS's"
+    assert default[2] != blas[2], "dx: the same bits as BLAS's"
 
 
 def _run_with(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -33,8 +33,10 @@ namespace rnn_fused {
 // AVX-512"); from there up
 // oneDNN or BLAS are as fast. With M^T (m_transposed) only up to 4 rows: its dot products end in one
 // horizontal sum per output, and 16 rows of the projection took 2.4 us against MKL's 1.7.
+// RNN_FUSED_CPU_GEMM=blas sends them to BLAS too (onednn::blas_forced).
 inline bool takes_small_gemm(int64_t rows, int64_t N, int64_t K, bool m_transposed) {
-  return tile::isa() == tile::Isa::Avx512 && rows * N * K < (int64_t(1) << 18) && (!m_transposed || rows <= 4);
+  return tile::isa() == tile::Isa::Avx512 && rows * N * K < (int64_t(1) << 18) && (!m_transposed || rows <= 4) &&
+         !onednn::blas_forced();
 }
 
 inline bool blas_available(float*) { return sgemm_ != nullptr; }

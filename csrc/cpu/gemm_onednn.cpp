@@ -137,16 +137,22 @@ void transpose_float(const float* src, int64_t ld_src, int64_t rows, int64_t col
   transpose_into(src, ld_src, rows, cols, dst, ld_dst);
 }
 
+// RNN_FUSED_CPU_GEMM, read once: "onednn", "blas" or "" (not set, or another value).
+const std::string& forced_gemm() {
+  static const std::string value = [] {
+    const char* v = std::getenv("RNN_FUSED_CPU_GEMM");
+    return v != nullptr && (std::string(v) == "onednn" || std::string(v) == "blas") ? std::string(v) : std::string();
+  }();
+  return value;
+}
+
 }  // namespace
 
+bool blas_forced() { return forced_gemm() == "blas"; }
+
 bool chosen() {
-  static const bool yes = [] {
-    if (!kBuiltWithMicroKernel) return false;
-    const char* forced = std::getenv("RNN_FUSED_CPU_GEMM");
-    if (forced != nullptr && std::string(forced) == "onednn") return true;
-    if (forced != nullptr && std::string(forced) == "blas") return false;
-    return avx512::cpu_has() && !intel_cpu() && at::hasMKL();
-  }();
+  static const bool yes = kBuiltWithMicroKernel && !blas_forced() &&
+                          (forced_gemm() == "onednn" || (avx512::cpu_has() && !intel_cpu() && at::hasMKL()));
   return yes;
 }
 

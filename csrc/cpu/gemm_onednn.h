@@ -14,6 +14,9 @@ namespace onednn {
 // an AMD EPYC with AVX-512"), and only in a torch built with the micro-kernel. RNN_FUSED_CPU_GEMM=onednn
 // takes it on any CPU where torch has it (tests, A/B timing), RNN_FUSED_CPU_GEMM=blas never.
 bool chosen();
+// RNN_FUSED_CPU_GEMM=blas: every float32 GEMM on BLAS, the small ones of blas.h's takes_small_gemm too (tests,
+// A/B timing).
+bool blas_forced();
 const char* gemm_name();  // "onednn" or "blas": which one chosen() gives (tests, the benchmark's environment)
 
 // Whether one float32 GEMM of rows x N x K goes to oneDNN: chosen(), torch's oneDNN switched on
