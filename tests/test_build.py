@@ -3,6 +3,7 @@ torch plus the toolkit), GPU or not, so CUDA code cannot rot unnoticed on machin
 
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -33,7 +34,7 @@ def test_cuda_kernels_are_compiled_when_possible():
     assert _extension.has_kernel("recurrence_backward", "CUDA")
 
 
-@pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux only")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="setup.py builds with OpenMP on Linux only")
 def test_cpu_kernels_are_built_with_openmp():
     """at::parallel_for is a header template: in a translation unit built without OpenMP it runs its body on
     one thread, so a layer's directions and oneDNN's GEMM blocks (csrc/cpu) would never use a second thread.

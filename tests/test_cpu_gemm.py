@@ -1,15 +1,12 @@
 """The CPU kernels' float32 GEMMs off BLAS: the small ones on the AVX-512 tile kernels (step_avx512.h,
 small_gemm: every operand layout, panels and row blocks cut at odd sizes), and the large ones on oneDNN's
-micro-kernel (csrc/cpu/gemm_onednn.cpp): layers whose every GEMM is large enough to take it (blocks of rows, columns and K that are not multiples of 64 / 256, two
-directions side by side in a row, a forward of per-step GEMMs) against float64 nn.RNN, on whichever GEMM this
-process chose and, in child processes, on each of the two forced; that oneDNN's kernels really run where
-chosen (its own verbose log), that torch's oneDNN switch sends them back to BLAS, that the thread count does
-not change the bits, and the default rule."""
+micro-kernel (csrc/cpu/gemm_onednn.cpp): layers whose every GEMM is large enough to take it (blocks of rows,
+columns and K that are not multiples of 64 / 256, two directions side by side in a row, a forward of per-step
+GEMMs) against float64 nn.RNN, on whichever GEMM this process chose and, in child processes, on each of the
+two forced; that oneDNN's kernels really run where chosen (its own verbose log), that torch's oneDNN switch
+sends them back to BLAS, that the thread count does not change the bits, and the default rule."""
 
 import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,11 +15,9 @@ import rnn_fused._C as C
 
 from .conftest import EXTENSION_ERROR, assert_matches
 from .test_cpu_layer import _in_float32_torch, _pair, _run
-from .test_cpu_step import _cpu_has_avx512
+from .test_cpu_step import _cpu_has_avx512, _run_with
 
 assert EXTENSION_ERROR is None, EXTENSION_ERROR
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # (T, B, I, H, bidirectional): rows 333 (five blocks of 64 and 13), K = I = 300 (a chunk of 256 and 44) and
 # dW_hh's M = 70 (64 and 6); two directions, D * H = 258 columns (four blocks and 2), dW_hh per direction at
@@ -31,9 +26,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = [(37, 9, 300, 70, False), (20, 7, 65, 129, True), (3, 130, 64, 64, False)]
 
 
-@pytest.mark.parametrize("T,B,I,H,bidirectional", SHAPES)
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread):
+def _check_layer(T, B, I, H, bidirectional, nonlinearity):
+    """A two-layer FusedRNN of these sizes, float32, against float64 nn.RNN with float32 nn.RNN as yardstick:
+    outputs and every gradient."""
     ref, ours = _pair(torch.float32, I, H, bidirectional=bidirectional, nonlinearity=nonlinearity, num_layers=2)
     x = torch.randn(T, B, I, dtype=torch.float64)
     h0 = 0.5 * torch.randn(2 * (2 if bidirectional else 1), B, H, dtype=torch.float64)
@@ -44,6 +39,12 @@ def test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity,
         assert_matches(got[k], expected[k], yard[k], name=f"{C.cpu_gemm()} {k}")
     for k in expected_grads:
         assert_matches(got_grads[k], expected_grads[k], yard_grads[k], name=f"{C.cpu_gemm()} grad {k}")
+
+
+@pytest.mark.parametrize("T,B,I,H,bidirectional", SHAPES)
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread):
+    _check_layer(T, B, I, H, bidirectional, nonlinearity)
 
 
 # (T, B, I, H, bidirectional), every GEMM below 2^18 multiply-adds (the small path where the CPU has AVX-512,
@@ -57,7 +58,7 @@ SMALL_SHAPES = [(1, 1, 3, 1, False), (1, 4, 65, 64, False), (2, 3, 65, 17, True)
 @pytest.mark.parametrize("T,B,I,H,bidirectional", SMALL_SHAPES)
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_small_gemm_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread):
-    test_gemm_sized_layers_match_nn_rnn(T, B, I, H, bidirectional, nonlinearity, one_thread)
+    _check_layer(T, B, I, H, bidirectional, nonlinearity)
 
 
 @pytest.mark.skipif(not _cpu_has_avx512(), reason="this CPU has no AVX-512")
@@ -70,23 +71,16 @@ def test_small_gemms_leave_blas_where_the_cpu_has_avx512():
             "m = FusedRNN(65, 70, backend='cpu'); x = torch.randn(1, 3, 65, requires_grad=True)\n"
             "out, _ = m(x); dx, = torch.autograd.grad(out.square().sum(), [x])\n"
             "print(C.cpu_gemm(), out.double().sum().item().hex(), dx.double().sum().item().hex())\n")
-    default = _run_with({"RNN_FUSED_CPU_GEMM": ""}, "-c", code).stdout.split()
-    blas = _run_with({"RNN_FUSED_CPU_GEMM": "blas"}, "-c", code).stdout.split()
+    default = _run_with({"RNN_FUSED_CPU_GEMM": ""}, "-c", code).split()
+    blas = _run_with({"RNN_FUSED_CPU_GEMM": "blas"}, "-c", code).split()
     assert blas[0] == "blas"
     assert default[1] != blas[1], "the projection: the same bits as BLAS's"
     assert default[2] != blas[2], "dx: the same bits as BLAS's"
 
 
-def _run_with(env: dict, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=dict(os.environ, **env), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    return proc
-
-
 def _forced_gemm_runs(gemm: str) -> bool:
     return _run_with({"RNN_FUSED_CPU_GEMM": gemm}, "-c", "import rnn_fused._C as C; print(C.cpu_gemm())"
-                     ).stdout.strip() == gemm
+                     ).strip() == gemm
 
 
 # The micro-kernel needs a torch that has it (at::native::cpublas::brgemm for float32) and runs its JIT code
@@ -100,7 +94,7 @@ needs_micro_kernel = pytest.mark.skipif(
 @pytest.mark.parametrize("gemm", ["onednn", "blas"])
 def test_each_gemm_passes_the_layer_tests(gemm):
     out = _run_with({"RNN_FUSED_CPU_GEMM": gemm}, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                    "tests/test_cpu_gemm.py", "-k", "gemm_sized_layers").stdout
+                    "tests/test_cpu_gemm.py", "-k", "gemm_sized_layers", timeout=600)
     assert " passed" in out and "failed" not in out and "skipped" not in out
 
 
@@ -121,11 +115,11 @@ def test_the_onednn_gemm_is_the_one_taken_and_torch_switch_turns_it_off():
     onednn = _run_with({**verbose, "RNN_FUSED_CPU_GEMM": "onednn"}, "-c", _CALL, "on")
     switched_off = _run_with({**verbose, "RNN_FUSED_CPU_GEMM": "onednn"}, "-c", _CALL, "off")
     blas = _run_with({**verbose, "RNN_FUSED_CPU_GEMM": "blas"}, "-c", _CALL, "on")
-    executed = "ukernel,exec,cpu,brgemm"
-    assert executed in onednn.stdout + onednn.stderr, "oneDNN's log shows no micro-kernel run"
-    for proc in (switched_off, blas):
-        assert executed not in proc.stdout + proc.stderr
-    last = [p.stdout.splitlines()[-1].split() for p in (onednn, switched_off, blas)]
+    executed = "ukernel,exec,cpu,brgemm"  # oneDNN's verbose log goes to stdout
+    assert executed in onednn, "oneDNN's log shows no micro-kernel run"
+    for out in (switched_off, blas):
+        assert executed not in out
+    last = [out.splitlines()[-1].split() for out in (onednn, switched_off, blas)]
     assert last[0][0] == "onednn" and last[2][0] == "blas"
     assert last[1][1:] == last[2][1:], "torch.backends.mkldnn off: not BLAS's bits"
 
@@ -142,20 +136,17 @@ def test_the_thread_count_does_not_change_the_bits():
             "    return [out, h, *torch.autograd.grad(out.square().sum() + h.sum(), [x, *m.parameters()])]\n"
             "one, two = run(1), run(2)\n"
             "print(C.cpu_gemm(), all(torch.equal(a, b) for a, b in zip(one, two)))\n")
-    assert _run_with({"RNN_FUSED_CPU_GEMM": "onednn"}, "-c", code).stdout.split() == ["onednn", "True"]
+    assert _run_with({"RNN_FUSED_CPU_GEMM": "onednn"}, "-c", code).split() == ["onednn", "True"]
 
 
 def test_the_default_is_onednn_exactly_where_mkl_leaves_avx512_unused():
     """oneDNN by default on a CPU with AVX-512 that is not Intel's, where torch's BLAS is MKL (gemm_onednn.h)."""
-    flags, vendor = set(), ""
-    for line in open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []:
-        if line.startswith("flags") and not flags:
-            flags = set(line.split())
-        if line.startswith("vendor_id") and not vendor:
-            vendor = line.split(":")[1].strip()
-    expected = ("onednn" if {"avx512f", "avx512dq", "avx512vl", "avx512bw"} <= flags and vendor != "GenuineIntel"
-                and torch.backends.mkl.is_available() and _forced_gemm_runs("onednn") else "blas")
-    env = {k: v for k, v in os.environ.items() if k != "RNN_FUSED_CPU_GEMM"}
-    proc = subprocess.run([sys.executable, "-c", "import rnn_fused._C as C; print(C.cpu_gemm())"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.stdout.strip() == expected, proc.stderr[-2000:]
+    try:
+        vendor = next(line for line in open("/proc/cpuinfo") if line.startswith("vendor_id")).split(":")[1].strip()
+    except (OSError, StopIteration):
+        vendor = ""
+    expected = ("onednn" if _cpu_has_avx512() and vendor != "GenuineIntel" and torch.backends.mkl.is_available()
+                and _forced_gemm_runs("onednn") else "blas")
+    # An empty RNN_FUSED_CPU_GEMM forces nothing (gemm_onednn.cpp reads only "onednn" and "blas").
+    assert _run_with({"RNN_FUSED_CPU_GEMM": ""}, "-c", "import rnn_fused._C as C; print(C.cpu_gemm())"
+                     ).strip() == expected
