@@ -5,6 +5,8 @@ import dataclasses
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -596,6 +598,31 @@ def test_jax_worker_gets_the_threading_flags_before_jax_imports(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
     assert xla_flags(4) == "--xla_dump_to=/tmp/x --xla_cpu_multi_thread_eigen=true"
     assert "XLA_FLAGS" not in os.environ or "multi_thread" not in os.environ["XLA_FLAGS"]  # never set here
+
+
+def test_the_suite_and_the_jax_worker_are_pinned_to_the_same_cpus_at_one_thread():
+    """One core for every provider (env.pin_cpus): each core of a shared machine has slow phases of its own, so
+    a peer timed on another core than ours would be compared across them. In a child process: pinning this
+    one would hold the rest of the tests to one CPU."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing to pin against")
+    script = (
+        "import os, sys\n"
+        "from rnn_fused.bench import env\n"
+        "env.pin_flags(tf32=False, threads=1)\n"
+        "print(sorted(os.sched_getaffinity(0)), env.environment('cpu', [])['cpu_affinity'])\n"
+        "from rnn_fused.bench.peers_onnx import missing\n"
+        "if not missing('jax'):\n"
+        "    from rnn_fused.bench.peers_jax import Worker\n"
+        "    worker = Worker(1)\n"
+        "    print(worker.ask('versions')['cpus'])\n"
+        "    worker.close()\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    lines = out.stdout.strip().splitlines()
+    first = [min(os.sched_getaffinity(0))]
+    assert lines[0] == f"{first} {first}"
+    if len(lines) > 1:  # jax installed: its worker runs on the suite's CPU
+        assert lines[1] == str(first)
 
 
 def test_interleaved_rounds_give_every_provider_the_same_samples_in_shuffled_orders():

@@ -29,7 +29,24 @@ def _rnn_precision():
     return rnn if rnn is not None and hasattr(rnn, "fp32_precision") else None
 
 
+def pin_cpus(threads: int) -> list[int]:
+    """Restrict this process to ``threads`` of the CPUs it may run on (the lowest-numbered ones); returns them
+    (every CPU it may use where the OS has no affinity call). The suite's process (pin_flags) and the JAX
+    worker (peers_jax.serve, which inherits the set) both pin so, so every provider of a run is timed on the
+    same cores. On a shared machine each core has slow phases of its own: on the 2-core build machine a
+    Python loop pinned to one core or the other took 5.1 or 9.5 ms, each core switching independently every
+    few seconds; with the JAX worker on core 0 and this process left to the scheduler, a round's samples
+    of ours and of JAX came from different cores (benchmarks/NOTES.md, "One core for every provider")."""
+    if not hasattr(os, "sched_setaffinity"):
+        return list(range(os.cpu_count() or 1))
+    cpus = sorted(os.sched_getaffinity(0))[:max(1, threads)]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
 def pin_flags(tf32: bool, threads: int | None = None) -> dict:
+    """TF32 on or off everywhere torch has a switch for it; with ``threads``, torch's thread count and this
+    process's CPUs (pin_cpus)."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     rnn = _rnn_precision()
@@ -37,6 +54,7 @@ def pin_flags(tf32: bool, threads: int | None = None) -> dict:
         rnn.fp32_precision = "tf32" if tf32 else "ieee"
     if threads:
         torch.set_num_threads(threads)
+        pin_cpus(threads)
     return flags()
 
 
@@ -110,6 +128,7 @@ def environment(device: str, argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         # Other processes' load when the run started: on a shared machine it explains noisy CPU numbers.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "python": platform.python_version(),

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from .cases import Case
+from .env import pin_cpus
 from .peers_onnx import missing
 from .providers import Provider
 from .timing import cores_used
@@ -52,17 +53,9 @@ from .workload import CallResult, Workload
 
 def xla_flags(threads: int) -> str:
     """XLA's CPU threading flag for ``threads`` threads, appended to whatever XLA_FLAGS already holds (what
-    bounds the threads is the worker's affinity, ``pin_to``)."""
+    bounds the threads is the worker's affinity, ``env.pin_cpus``)."""
     own = f"--xla_cpu_multi_thread_eigen={'false' if threads <= 1 else 'true'}"
     return " ".join(f for f in (os.environ.get("XLA_FLAGS", ""), own) if f)
-
-
-def pin_to(threads: int) -> list[int]:
-    """Restrict this process to ``threads`` of the CPUs it may run on (the lowest-numbered ones); returns them.
-    Before jax is imported: XLA sizes its thread pool from this set (see the module's docstring)."""
-    cpus = sorted(os.sched_getaffinity(0))[:max(1, threads)]
-    os.sched_setaffinity(0, cpus)
-    return cpus
 
 
 # --- the worker (runs in its own process; imports jax only there) ---------------------------------------------
@@ -95,7 +88,7 @@ def _elman(jax, jnp, case: dict):
 def serve(fd: int, threads: int) -> None:
     """The worker's loop, on the connection ``fd`` (started by Worker with XLA_FLAGS already in its env), on
     ``threads`` CPUs."""
-    cpus = pin_to(threads)
+    cpus = pin_cpus(threads)  # the suite's own CPUs (it pinned itself first, the worker inherits them)
     import jax
     import jax.numpy as jnp
 
@@ -250,4 +243,4 @@ class Jax(Provider):
             self.worker = None
 
 
-__all__ = ["Jax", "Worker", "pin_to", "xla_flags"]
+__all__ = ["Jax", "Worker", "xla_flags"]
