@@ -14,6 +14,8 @@
 //             runs as the reference's differentiable torch ops instead, as the kernels have no derivative.
 #include "recurrence_autograd.h"
 
+#include "named_function.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -119,6 +121,8 @@ namespace {
 
 class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> {
  public:
+  static constexpr const char* kName = "rnn_fused::RecurrenceBackward";  // the node's name() (named_function.h)
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xw, const at::Tensor& w_hh,
                                const at::Tensor& h0, const c10::optional<at::Tensor>& batch_sizes,
                                c10::string_view activation, c10::string_view clip_mode, double clip,
@@ -167,7 +171,8 @@ std::tuple<at::Tensor, at::Tensor> recurrence_forward_autograd(const at::Tensor&
   if (!tangents && (!at::GradMode::is_enabled() ||
                     !(xw.requires_grad() || w_hh.requires_grad() || h0.requires_grad() || probe_requires_grad)))
     return recurrence_forward_kernel(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
-  variable_list out = RecurrenceFunction::apply(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip, norm_probe);
+  variable_list out = apply_named<RecurrenceFunction>(xw, w_hh, h0, batch_sizes, activation, clip_mode, clip,
+                                                      norm_probe);
   return {out[0], out[1]};
 }
 

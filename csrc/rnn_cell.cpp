@@ -14,6 +14,7 @@
 #include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "cpu/layer_cpu.h"
+#include "named_function.h"
 #include "recurrence_autograd.h"
 
 #include <ATen/ATen.h>
@@ -63,6 +64,8 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& h, at::TensorList params,
 
 class CellFunction : public torch::autograd::Function<CellFunction> {
  public:
+  static constexpr const char* kName = "rnn_fused::CellBackward";  // the node's name() (named_function.h)
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, at::TensorList params,
                                bool relu) {
     at::Tensor h_next;
@@ -128,7 +131,7 @@ at::Tensor cell_step(const at::Tensor& x, const at::Tensor& h, at::TensorList pa
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return step(x, h, params, relu);
   }
-  return CellFunction::apply(x, h, params, relu)[0];
+  return apply_named<CellFunction>(x, h, params, relu)[0];
 }
 
 }  // namespace rnn_fused

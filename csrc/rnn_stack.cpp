@@ -24,6 +24,7 @@
 #include "rnn_stack.h"
 
 #include "cpu/layer_cpu.h"
+#include "named_function.h"
 #include "recurrence_autograd.h"
 
 #include <ATen/ATen.h>
@@ -33,11 +34,11 @@ namespace rnn_fused {
 
 namespace {
 
-at::Tensor stacked(const std::vector<at::Tensor>& per_direction) {
+at::Tensor stacked(at::TensorList per_direction) {
   return per_direction.size() == 1 ? per_direction[0].unsqueeze(0) : at::stack(per_direction);
 }
 
-at::Tensor concatenated(const std::vector<at::Tensor>& per_direction) {
+at::Tensor concatenated(at::TensorList per_direction) {
   return per_direction.size() == 1 ? per_direction[0] : at::cat(per_direction, 0);
 }
 
@@ -101,6 +102,8 @@ std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Te
 // h0, the output and the weights (the biases' values are not needed for the backward).
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
+  static constexpr const char* kName = "rnn_fused::LayerBackward";  // the node's name() (named_function.h)
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
                                at::TensorList params, bool has_biases, c10::string_view activation) {
     const int64_t D = h0.size(0);
@@ -217,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10:
     for (const at::Tensor& t : layer_params) requires_grad |= t.requires_grad();
     at::Tensor h_last;
     if (fused_layer_nodes && recording && requires_grad && !packed) {
-      variable_list out = LayerFunction::apply(x, h0, layer_params, has_biases, activation);
+      variable_list out = apply_named<LayerFunction>(x, h0, layer_params, has_biases, activation);
       x = out[0];
       h_last = out[1];
     } else if (fused_layer_nodes && !packed && !tangents) {  // nothing to record

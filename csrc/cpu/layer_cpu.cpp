@@ -63,9 +63,10 @@ at::Tensor cpu_empty(at::IntArrayRef sizes) {
 template <typename T>
 void sum_rows(const T* m, int64_t rows, int64_t n, T* out) {
   constexpr int64_t kBlock = 64;
-  std::vector<double> total(n, 0.0), block(n);
+  std::vector<double> sums(2 * n, 0.0);  // the total, then one block's sum: one allocation
+  double *total = sums.data(), *block = sums.data() + n;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlock) {
-    std::fill(block.begin(), block.end(), 0.0);
+    std::fill(block, block + n, 0.0);
     for (int64_t r = r0; r < std::min(r0 + kBlock, rows); ++r) {
       const T* mr = m + r * n;
       for (int64_t i = 0; i < n; ++i) block[i] += mr[i];

@@ -8,14 +8,16 @@
 #include "../recurrence_args.h"
 
 #include <ATen/ATen.h>
-
-#include <vector>
+#include <c10/util/SmallVector.h>
 
 namespace rnn_fused {
 
+// One tensor per direction, inline (no heap allocation: a T = 1 call builds a dozen of these lists).
+using PerDirection = c10::SmallVector<at::Tensor, 2>;
+
 // One layer's weights, one per direction: w_ih [H, I], w_hh [H, H], and the biases [H] (empty without).
 struct LayerWeights {
-  std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;
+  PerDirection w_ih, w_hh, b_ih, b_hh;
 };
 
 // Whether the CPU layer runs this call: x [T, B, I] and h0 [D, B, H] and every weight on the CPU, float32
@@ -40,7 +42,7 @@ struct LayerGradsWanted {
 
 struct LayerGrads {
   at::Tensor x, h0;                            // [T, B, I], [D, B, H]
-  std::vector<at::Tensor> w_ih, w_hh, b_ih, b_hh;  // per direction (empty when not wanted)
+  PerDirection w_ih, w_hh, b_ih, b_hh;  // per direction (empty when not wanted)
 };
 
 // The layer's gradients from its inputs, its output and the outputs' gradients (d_output [T, B, D*H],
