@@ -90,10 +90,11 @@ std::tuple<at::Tensor, at::Tensor> layer_of_ops(const at::Tensor& x, const at::T
 
 // One padded layer below autograd in eager mode: the CPU layer (cpu/layer_cpu.h) where it applies, else
 // the ATen ops. x [T, B, I] contiguous, h0 [D, B, H], w = layer_parameters(params, ...); returns (output
-// [T, B, D*H], h_last [D, B, H]).
+// [T, B, D*H], h_last [D, B, H]). recording: LayerFunction's forward (cpu_layer_forward says what it changes).
 std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Tensor& h0, at::TensorList params,
-                                               const LayerWeights& w, bool has_biases, c10::string_view activation) {
-  if (cpu_layer_applies(x, h0, w)) return cpu_layer_forward(x, h0, w, parse_activation(activation));
+                                               const LayerWeights& w, bool has_biases, c10::string_view activation,
+                                               bool recording) {
+  if (cpu_layer_applies(x, h0, w)) return cpu_layer_forward(x, h0, w, parse_activation(activation), recording);
   return layer_of_ops(x, h0, params, h0.size(0), has_biases, c10::nullopt, activation);
 }
 
@@ -111,7 +112,7 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
     at::Tensor output, h_last;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, h_last) = eager_layer(x, h0, params, w, has_biases, activation);
+      std::tie(output, h_last) = eager_layer(x, h0, params, w, has_biases, activation, /*recording=*/true);
     }
     std::vector<at::Tensor> saved{x, h0, output};
     for (int64_t d = 0; d < D; ++d) {
@@ -225,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10:
       h_last = out[1];
     } else if (fused_layer_nodes && !packed && !tangents) {  // nothing to record
       std::tie(x, h_last) =
-          eager_layer(x, h0, layer_params, layer_parameters(layer_params, D, has_biases), has_biases, activation);
+          eager_layer(x, h0, layer_params, layer_parameters(layer_params, D, has_biases), has_biases, activation,
+                      /*recording=*/false);
     } else {
       std::tie(x, h_last) = layer_of_ops(x, h0, layer_params, D, has_biases, batch_sizes, activation);
     }

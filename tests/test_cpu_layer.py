@@ -281,3 +281,42 @@ def test_threads_running_the_layer_at_once_match_one_alone():
         for result in together[i]:
             for got, expected in zip(result, alone[i]):
                 assert torch.equal(got, expected)
+
+
+def _eval_forward(ours, ref, x, h0):
+    """ours' forward under no_grad (the call that keeps the packed W_hh^T, csrc/cpu/packed_cache.h) against
+    float64 nn.RNN with ref's weights; returns our output."""
+    with torch.no_grad():
+        out, h_n = ours(x, h0)
+        want_out, want_h = ref(x.double(), h0.double())
+        yard_out, yard_h = _in_float32_torch(ref)(x, h0)
+    assert_matches(out, want_out, yard_out, "output")
+    assert_matches(h_n, want_h, yard_h, "h_n")
+    return out
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_kept_packed_weights_follow_every_change_of_the_weights(bidirectional):
+    """Calls that record no graph keep the tile step's packed W_hh^T per thread and reuse it only for the same
+    bytes: a change through .data or numpy (no version counter sees it), another model's weights, or the
+    first model's again are each computed with the weights they have. T = 37 >= 16 takes the packed step."""
+    T, B, I, H = 37, 3, 19, 70
+    ref, ours = _pair(torch.float32, I, H, num_layers=2, bidirectional=bidirectional)
+    x, h0 = torch.randn(T, B, I), torch.randn(2 * (2 if bidirectional else 1), B, H)
+    first = _eval_forward(ours, ref, x, h0)
+    assert torch.equal(_eval_forward(ours, ref, x, h0), first)  # the kept form: the same bits
+    recorded = ours(x.clone().requires_grad_(), h0)[0]  # a training call packs afresh: the same bits again
+    assert recorded.grad_fn is not None and torch.equal(recorded.detach(), first)
+    with torch.no_grad():
+        ours.weight_hh_l1.data.mul_(0.5)
+        ref.weight_hh_l1.mul_(0.5)
+        ours.weight_hh_l0.detach().numpy()[3, 5] += 0.25
+        ref.weight_hh_l0[3, 5] += 0.25
+    changed = _eval_forward(ours, ref, x, h0)
+    assert not torch.equal(changed, first)
+    other_ref, other = _pair(torch.float32, I, H, num_layers=2, bidirectional=bidirectional)
+    with torch.no_grad():
+        for p in list(other.parameters()) + list(other_ref.parameters()):
+            p.mul_(-1)
+    _eval_forward(other, other_ref, x, h0)
+    assert torch.equal(_eval_forward(ours, ref, x, h0), changed)

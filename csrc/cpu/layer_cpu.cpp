@@ -78,7 +78,7 @@ void sum_rows(const T* m, int64_t rows, int64_t n, T* out) {
 
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor& h0, const LayerWeights& w,
-                                           Activation activation) {
+                                           Activation activation, bool recording) {
   const int64_t T_ = x.size(0), B = x.size(1), I = x.size(2), D = h0.size(0), H = h0.size(2), DH = D * H,
                 rows = T_ * B;
   // xw [T, B, D*H] is made in the output's memory and the recurrence runs in place over it.
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& x, const at::Tensor
                biases ? bias.data() : nullptr);
   at::Tensor h_last = cpu_empty<T>({D, B, H});
   recurrence_forward_into<T>(padded_problem(T_, B, D, H, activation), recurrent_weights<T>(w), z,
-                             h0.data_ptr<T>(), z, h_last.data_ptr<T>());
+                             h0.data_ptr<T>(), z, h_last.data_ptr<T>(), /*reuse_packed=*/!recording);
   return {output, h_last};
 }
 
@@ -242,8 +242,9 @@ bool cpu_cell_backward_applies(const at::Tensor& x, const at::Tensor& h, const a
 }
 
 std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const at::Tensor& h0,
-                                                     const LayerWeights& w, Activation activation) {
-  return x.scalar_type() == at::kFloat ? forward<float>(x, h0, w, activation) : forward<double>(x, h0, w, activation);
+                                                     const LayerWeights& w, Activation activation, bool recording) {
+  return x.scalar_type() == at::kFloat ? forward<float>(x, h0, w, activation, recording)
+                                       : forward<double>(x, h0, w, activation, recording);
 }
 
 LayerGrads cpu_layer_backward(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,

@@ -30,9 +30,10 @@ bool cpu_layer_applies(const at::Tensor& x, const at::Tensor& h0, const LayerWei
 bool cpu_layer_backward_applies(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& output,
                                 const LayerWeights& w);
 
-// (output [T, B, D*H], h_last [D, B, H]).
+// (output [T, B, D*H], h_last [D, B, H]). recording: the call's graph is recorded (training), so the
+// weights will likely change before the next call and their packed form is not kept (recurrence_cpu.h).
 std::tuple<at::Tensor, at::Tensor> cpu_layer_forward(const at::Tensor& x, const at::Tensor& h0,
-                                                     const LayerWeights& w, Activation activation);
+                                                     const LayerWeights& w, Activation activation, bool recording);
 
 // Which gradients the backward computes (the rest are returned undefined); bias: the layer has biases and
 // their gradients are wanted (their values are not needed: w's biases may be left empty).

@@ -25,6 +25,7 @@
 #include "activation.h"
 #include "blas.h"
 #include "gemm_onednn.h"
+#include "packed_cache.h"
 #include "step_avx512.h"
 #include "step_tile.h"
 #include "transpose.h"
@@ -395,11 +396,12 @@ DirectionView<T> direction_view(const RecurrenceProblem& p, int64_t d, const Dir
 
 template <typename T>
 void recurrence_forward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* xw, const T* h0,
-                             T* h_all, T* h_last) {
+                             T* h_all, T* h_last, bool reuse_packed) {
   const bool tile_step = use_tile_step<T>(p, /*forward=*/true);
   at::Tensor packed;
   if constexpr (std::is_same_v<T, float>) {
-    if (tile_step) packed = packed_w_hh(p, w_hh, /*transposed=*/true);
+    const auto pack = [&] { return packed_w_hh(p, w_hh, /*transposed=*/true); };
+    if (tile_step) packed = reuse_packed ? packed_weights(w_hh.data(), p.D, p.H, /*layout=*/0, pack) : pack();
   }
   const at::Tensor w_hh_t = tile_step || all_steps_blas<T>(p) ? at::Tensor() : transposed<T>(p, w_hh);
   at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
@@ -430,9 +432,9 @@ void recurrence_backward_into(const RecurrenceProblem& p, const DirectionWeights
 }
 
 template void recurrence_forward_into<float>(const RecurrenceProblem&, const DirectionWeights<float>&, const float*,
-                                             const float*, float*, float*);
+                                             const float*, float*, float*, bool);
 template void recurrence_forward_into<double>(const RecurrenceProblem&, const DirectionWeights<double>&,
-                                              const double*, const double*, double*, double*);
+                                              const double*, const double*, double*, double*, bool);
 template void recurrence_backward_into<float>(const RecurrenceProblem&, const DirectionWeights<float>&, const float*,
                                               const float*, const float*, const float*, float*, float*,
                                               const BackwardOptions&, float*);

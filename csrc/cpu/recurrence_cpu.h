@@ -18,10 +18,11 @@ using DirectionWeights = std::array<const T*, 2>;
 
 // h_all and h_last from xw (the input projection with both biases added) and h0. xw may be h_all itself
 // (the same pointer, never a partial overlap): the recurrence then runs in place, each step's h_t written
-// over its xw_t.
+// over its xw_t. reuse_packed: a call that records no graph (the weights are likely the next call's too):
+// the tile step's packed W_hh^T comes from, and goes to, the thread's cache (packed_cache.h).
 template <typename T>
 void recurrence_forward_into(const RecurrenceProblem& p, const DirectionWeights<T>& w_hh, const T* xw, const T* h0,
-                             T* h_all, T* h_last);
+                             T* h_all, T* h_last, bool reuse_packed = false);
 
 // BPTT: dz (= dxw) and dh0 from the outputs' gradients (dh_all, dh_last: null = zero) under the backward
 // options; grad_norm [rows, D] is written when opts.record_norms (else null). dz and dh0 are written whole.
