@@ -4,12 +4,14 @@
 // CppNode_apply_functional on every call, for its error messages; Node::name() demangles the node's C++ type
 // (c10::demangle of "torch::autograd::CppNode<rnn_fused::(anonymous namespace)::LayerFunction>"): ~4,300
 // instructions and two heap strings per backward, ~1 us of a ~60 us T = 1, B = 1 training call on a Zen 4
-// core (benchmarks/NOTES.md, "The T = 1 training call"). NamedNode<F> is that CppNode with name() returning
-// F::kName; apply_named<F> is Function<F>::apply of torch 2.14 word for word except the node's type, so
-// everything else (saved variables, hooks, views, node-creation hooks, compiled autograd through CppNode's
-// compiled_args / apply_with_saved) is torch's own code. Built against any other torch, apply_named<F> is
-// F::apply itself: Function::apply's body changes between releases (the node was a shared_ptr up to 2.3;
-// node-creation hooks are recent), and a copy of another release's body is not one we have read.
+// core (benchmarks/NOTES.md, "One core for every provider; the T = 1 training call on a Zen 4 core").
+// NamedNode<F> is that CppNode with name() returning F::kName (at most 15 characters: a std::string that
+// short needs no heap); apply_named<F> is Function<F>::apply of torch 2.14 (read in 2.14.1) word for word
+// except the node's type, so everything else (saved variables, hooks, views, node-creation hooks, compiled
+// autograd through CppNode's compiled_args / apply_with_saved) is torch's own code. Built against any other
+// torch minor release, apply_named<F> is F::apply itself: Function::apply's body changes between releases
+// (the node was a shared_ptr up to 2.3; node-creation hooks are recent), and a copy of another release's
+// body is not one we have read.
 #pragma once
 
 #include <torch/autograd.h>

@@ -121,7 +121,7 @@ namespace {
 
 class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> {
  public:
-  static constexpr const char* kName = "rnn_fused::RecurrenceBackward";  // the node's name() (named_function.h)
+  static constexpr const char* kName = "RecurrenceBwd";  // the node's name() (named_function.h)
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& xw, const at::Tensor& w_hh,
                                const at::Tensor& h0, const c10::optional<at::Tensor>& batch_sizes,

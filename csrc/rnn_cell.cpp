@@ -64,7 +64,7 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& h, at::TensorList params,
 
 class CellFunction : public torch::autograd::Function<CellFunction> {
  public:
-  static constexpr const char* kName = "rnn_fused::CellBackward";  // the node's name() (named_function.h)
+  static constexpr const char* kName = "CellBackward";  // the node's name() (named_function.h)
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, at::TensorList params,
                                bool relu) {

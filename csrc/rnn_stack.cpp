@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Te
 // h0, the output and the weights (the biases' values are not needed for the backward).
 class LayerFunction : public torch::autograd::Function<LayerFunction> {
  public:
-  static constexpr const char* kName = "rnn_fused::LayerBackward";  // the node's name() (named_function.h)
+  static constexpr const char* kName = "LayerBackward";  // the node's name() (named_function.h)
 
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
                                at::TensorList params, bool has_biases, c10::string_view activation) {

@@ -3,13 +3,14 @@
 
 #include <array>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace rnn_fused {
 namespace {
 
 constexpr int kEntries = 4;                          // a 4-layer stack, or 2 layers of 2 directions
-constexpr int64_t kMaxFloats = int64_t(1) << 20;     // 4 MB of weights per entry (H = 1024, one direction)
+constexpr int64_t kMaxFloats = int64_t(1) << 18;     // 1 MB of weights per entry (H = 512, one direction)
 
 struct Entry {
   int64_t D = 0, H = 0;
@@ -36,7 +37,7 @@ bool holds(const Entry& e, const float* const* w, int64_t D, int64_t H, int layo
 }  // namespace
 
 at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H, int layout,
-                          const std::function<at::Tensor()>& make) {
+                          const std::function<at::Tensor(const float* const*)>& pack) {
   const uint64_t now = ++cache.clock;
   for (Entry& e : cache.entries) {
     if (holds(e, w, D, H, layout)) {
@@ -44,19 +45,26 @@ at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H, int layou
       return e.packed;
     }
   }
-  at::Tensor packed = make();
-  if (D * H * H > kMaxFloats) return packed;
+  if (D * H * H > kMaxFloats) return pack(w);
+  // A new entry, complete before it replaces the oldest (an allocation that throws leaves the cache as it
+  // was), packed from its own copy (the header says why).
+  Entry fresh;
+  fresh.weights.resize(D * H * H);
+  std::array<const float*, 2> copies{nullptr, nullptr};
+  for (int64_t d = 0; d < D; ++d) {
+    std::memcpy(fresh.weights.data() + d * H * H, w[d], H * H * sizeof(float));
+    copies[d] = fresh.weights.data() + d * H * H;
+  }
+  fresh.packed = pack(copies.data());
+  fresh.D = D;
+  fresh.H = H;
+  fresh.layout = layout;
+  fresh.last_use = now;
   Entry* oldest = &cache.entries[0];
   for (Entry& e : cache.entries)
     if (e.last_use < oldest->last_use) oldest = &e;
-  oldest->D = D;
-  oldest->H = H;
-  oldest->layout = layout;
-  oldest->weights.resize(D * H * H);
-  for (int64_t d = 0; d < D; ++d) std::memcpy(oldest->weights.data() + d * H * H, w[d], H * H * sizeof(float));
-  oldest->packed = packed;
-  oldest->last_use = now;
-  return packed;
+  *oldest = std::move(fresh);
+  return oldest->packed;
 }
 
 }  // namespace rnn_fused

@@ -8,8 +8,12 @@
 // keeps (memcmp, a read of twice W_hh: a fraction of the pack), so every change is seen, in place through
 // `.data` or numpy included (they bump no version counter), and another tensor at a freed tensor's address
 // cannot match by accident.
+// The packed form is made from the copy the entry keeps, never from the caller's weights, so the two always
+// match even while another process writes shared weights (Hogwild-style training with no_grad rollouts).
 // Memory: per thread (thread_local, so no lock), at most kEntries entries, the least recently used replaced,
-// each a copy of the weights and their packed form; only weights of at most kMaxFloats floats are kept.
+// each a copy of the weights and their packed form, only for weights of at most kMaxFloats floats (1 MB:
+// H = 512 with one direction), so at most ~8 MB per thread. A no-graph call whose weights changed since the
+// last (evaluation between training steps) pays one extra copy of W_hh, ~1/8 of the pack.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,10 +23,11 @@
 
 namespace rnn_fused {
 
-// The packed form of the D matrices w[d] (H x H float32 each) as make() builds it, from this thread's cache
-// when an entry holds the same bytes under the same (H, D, layout) key, else made (and kept when small
-// enough). `layout` tells packings of the same weights apart (the forward's W_hh^T, the backward's W_hh).
+// The packed form of the D matrices w[d] (H x H float32 each) as pack(matrices) builds it from the matrices
+// it is given, from this thread's cache when an entry holds the same bytes under the same (H, D, layout) key,
+// else made (from the entry's copy when it is kept). `layout` tells packings of the same weights apart (the
+// forward's W_hh^T, the backward's W_hh).
 at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H, int layout,
-                          const std::function<at::Tensor()>& make);
+                          const std::function<at::Tensor(const float* const*)>& pack);
 
 }  // namespace rnn_fused
