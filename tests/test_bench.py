@@ -607,7 +607,7 @@ def test_the_suite_and_the_jax_worker_are_pinned_to_the_same_cpus_at_one_thread(
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU: nothing to pin against")
     script = (
-        "import os, sys\n"
+        "import os\n"
         "from rnn_fused.bench import env\n"
         "env.pin_flags(tf32=False, threads=1)\n"
         "print(sorted(os.sched_getaffinity(0)), env.environment('cpu', [])['cpu_affinity'])\n"

@@ -14,7 +14,6 @@ constexpr int64_t kMaxFloats = int64_t(1) << 18;     // 1 MB of weights per entr
 
 struct Entry {
   int64_t D = 0, H = 0;
-  int layout = -1;
   std::vector<float> weights;  // the D matrices the packed form was made from, back to back
   at::Tensor packed;
   uint64_t last_use = 0;
@@ -27,8 +26,8 @@ struct Cache {
 
 thread_local Cache cache;
 
-bool holds(const Entry& e, const float* const* w, int64_t D, int64_t H, int layout) {
-  if (!e.packed.defined() || e.D != D || e.H != H || e.layout != layout) return false;
+bool holds(const Entry& e, const float* const* w, int64_t D, int64_t H) {
+  if (!e.packed.defined() || e.D != D || e.H != H) return false;
   for (int64_t d = 0; d < D; ++d)
     if (std::memcmp(e.weights.data() + d * H * H, w[d], H * H * sizeof(float)) != 0) return false;
   return true;
@@ -36,11 +35,11 @@ bool holds(const Entry& e, const float* const* w, int64_t D, int64_t H, int layo
 
 }  // namespace
 
-at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H, int layout,
+at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H,
                           const std::function<at::Tensor(const float* const*)>& pack) {
   const uint64_t now = ++cache.clock;
   for (Entry& e : cache.entries) {
-    if (holds(e, w, D, H, layout)) {
+    if (holds(e, w, D, H)) {
       e.last_use = now;
       return e.packed;
     }
@@ -58,7 +57,6 @@ at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H, int layou
   fresh.packed = pack(copies.data());
   fresh.D = D;
   fresh.H = H;
-  fresh.layout = layout;
   fresh.last_use = now;
   Entry* oldest = &cache.entries[0];
   for (Entry& e : cache.entries)

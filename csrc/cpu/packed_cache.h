@@ -24,10 +24,9 @@
 namespace rnn_fused {
 
 // The packed form of the D matrices w[d] (H x H float32 each) as pack(matrices) builds it from the matrices
-// it is given, from this thread's cache when an entry holds the same bytes under the same (H, D, layout) key,
-// else made (from the entry's copy when it is kept). `layout` tells packings of the same weights apart (the
-// forward's W_hh^T, the backward's W_hh).
-at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H, int layout,
+// it is given (the forward's packed W_hh^T, its only use), from this thread's cache when an entry holds the
+// same bytes under the same (D, H), else made (from the entry's copy when it is kept).
+at::Tensor packed_weights(const float* const* w, int64_t D, int64_t H,
                           const std::function<at::Tensor(const float* const*)>& pack);
 
 }  // namespace rnn_fused

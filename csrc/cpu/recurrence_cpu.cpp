@@ -404,7 +404,7 @@ void recurrence_forward_into(const RecurrenceProblem& p, const DirectionWeights<
       return packed_w_hh(p, DirectionWeights<float>{w[0], p.D > 1 ? w[1] : nullptr}, /*transposed=*/true);
     };
     if (tile_step)
-      packed = reuse_packed ? packed_weights(w_hh.data(), p.D, p.H, /*layout=*/0, pack) : pack(w_hh.data());
+      packed = reuse_packed ? packed_weights(w_hh.data(), p.D, p.H, pack) : pack(w_hh.data());
   }
   const at::Tensor w_hh_t = tile_step || all_steps_blas<T>(p) ? at::Tensor() : transposed<T>(p, w_hh);
   at::parallel_for(0, p.D, 1, [&](int64_t begin, int64_t end) {
