@@ -10,7 +10,7 @@
 // and raises nn.RNN's messages for bad arguments: this file never raises for an argument. torch.compile /
 // torch.export and the backend choice are checked on the Python side before (dynamo cannot trace into here).
 // The maths is the stack op's (csrc/rnn_stack.cpp) for FusedRNN, called directly, each layer recorded as one
-// autograd node (its LayerFunction) when something requires grad; the cell's step is csrc/rnn_cell.cpp.
+// autograd node (its recorded_layer) when something requires grad; the cell's step is csrc/rnn_cell.cpp.
 #include "cpu/gemm_onednn.h"
 #include "cpu/scratch_cpu.h"
 #include "cpu/step_tile.h"

@@ -1,4 +1,6 @@
-// Our C++ autograd Functions' nodes under a fixed name (LayerFunction, CellFunction, RecurrenceFunction).
+// Our C++ autograd Functions' nodes under a fixed name: RecurrenceFunction's (csrc/recurrence_autograd.cpp;
+// the layer's and the cell's nodes are bare Nodes instead, csrc/recorded_node.h: that op's state, strings, a
+// float and an optional tensor kept apart from the saved variables, is what Function's context holds).
 //
 // torch::autograd::Function<F>::apply records a CppNode<F>, whose backward (CppNode::apply) passes name() to
 // CppNode_apply_functional on every call, for its error messages; Node::name() demangles the node's C++ type

@@ -1,6 +1,6 @@
 // FusedRNNCell's step for the modules' eager fast path (csrc/eager_call.cpp): h' = act(x W_ih^T + b_ih +
 // h W_hh^T + b_hh) as two GEMMs into one buffer and the activation in place, recorded as one autograd node
-// (CellFunction) when something requires grad.
+// (CellBackward) when something requires grad.
 //
 // Why not the stack op with T = 1 (what the general path and torch.compile run): a step of the stack is the
 // recurrence op's machinery (schedule, kernel dispatch, a backward op and a weight-gradient op) around two
@@ -14,7 +14,7 @@
 #include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "cpu/layer_cpu.h"
-#include "named_function.h"
+#include "recorded_node.h"
 #include "recurrence_autograd.h"
 
 #include <ATen/ATen.h>
@@ -62,35 +62,24 @@ at::Tensor step(const at::Tensor& x, const at::Tensor& h, at::TensorList params,
   return relu ? z.relu_() : z.tanh_();
 }
 
-class CellFunction : public torch::autograd::Function<CellFunction> {
- public:
-  static constexpr const char* kName = "CellBackward";  // the node's name() (named_function.h)
+// The cell's backward, recorded as one node (recorded_node.h): inputs x [B, I], h [B, H], params (w_ih,
+// w_hh[, b_ih, b_hh]); output h' [B, H]. Saved: x, h, h' and the params. Flags: relu.
+struct CellBackward {
+  static constexpr const char* kName = "CellBackward";
 
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h, at::TensorList params,
-                               bool relu) {
-    at::Tensor h_next;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      h_next = step(x, h, params, relu);
-    }
-    std::vector<at::Tensor> saved{x, h, h_next};
-    saved.insert(saved.end(), params.begin(), params.end());
-    ctx->save_for_backward(saved);
-    ctx->saved_data["relu"] = relu;
-    return {h_next};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = saved_variables(ctx);
+  static variable_list backward(const variable_list& saved, int64_t relu, const variable_list& grads,
+                                uint64_t needs) {
     const at::Tensor &x = saved[0], &h = saved[1], &h_next = saved[2], &w_ih = saved[3], &w_hh = saved[4];
-    const bool relu = ctx->saved_data["relu"].toBool(), has_biases = saved.size() == 7;
+    const bool has_biases = saved.size() == 7;
+    const auto needed = [needs](int i) { return static_cast<bool>(needs >> i & 1); };
+    // An undefined gradient (the engine never materialises one) means zero: so are all of ours.
+    if (!grads[0].defined()) return variable_list(saved.size() - 1);
     const LayerWeights w = cell_weights(at::TensorList(saved).slice(3));
     if (!at::GradMode::is_enabled() && cpu_cell_backward_applies(x, h, h_next, w)) {
       // The CPU layer's backward for one step (cpu/layer_cpu.h): BLAS calls, no ATen op. Not for
       // create_graph (grad mode on): the ops below are differentiable.
-      const LayerGradsWanted wanted{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
-                                    ctx->needs_input_grad(3),
-                                    has_biases && (ctx->needs_input_grad(4) || ctx->needs_input_grad(5))};
+      const LayerGradsWanted wanted{needed(0), needed(1), needed(2), needed(3),
+                                    has_biases && (needed(4) || needed(5))};
       const LayerGrads g = cpu_cell_backward(x, h, h_next, w, relu ? Activation::Relu : Activation::Tanh, grads[0],
                                              wanted);
       variable_list out{g.x, g.h0, wanted.w_ih ? g.w_ih[0] : at::Tensor(), wanted.w_hh ? g.w_hh[0] : at::Tensor()};
@@ -98,22 +87,18 @@ class CellFunction : public torch::autograd::Function<CellFunction> {
         out.push_back(wanted.bias ? g.b_ih[0] : at::Tensor());
         out.push_back(wanted.bias ? g.b_hh[0] : at::Tensor());
       }
-      out.emplace_back();  // relu
       return out;
     }
     // act'(z) from h' = act(z): 1 - h'^2; for relu a select, as torch's relu backward (threshold_backward:
     // an inf or NaN gradient at a unit that is off gives 0, a NaN h' passes the gradient).
     const at::Tensor dz = relu ? at::threshold_backward(grads[0], h_next, 0) : grads[0] * (1 - h_next * h_next);
-    variable_list out{ctx->needs_input_grad(0) ? dz.mm(w_ih) : at::Tensor(),
-                      ctx->needs_input_grad(1) ? dz.mm(w_hh) : at::Tensor(),
-                      ctx->needs_input_grad(2) ? dz.t().mm(x) : at::Tensor(),
-                      ctx->needs_input_grad(3) ? dz.t().mm(h) : at::Tensor()};
+    variable_list out{needed(0) ? dz.mm(w_ih) : at::Tensor(), needed(1) ? dz.mm(w_hh) : at::Tensor(),
+                      needed(2) ? dz.t().mm(x) : at::Tensor(), needed(3) ? dz.t().mm(h) : at::Tensor()};
     if (has_biases) {
       const at::Tensor db = dz.sum(0);
       out.push_back(db);
       out.push_back(db.clone());  // two leaves, two buffers (see csrc/rnn_stack.cpp's layer_of_ops)
     }
-    out.emplace_back();  // relu
     return out;
   }
 };
@@ -131,7 +116,27 @@ at::Tensor cell_step(const at::Tensor& x, const at::Tensor& h, at::TensorList pa
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return step(x, h, params, relu);
   }
-  return apply_named<CellFunction>(x, h, params, relu)[0];
+  // Recorded: computed below autograd, then one CellBackward node, which has no forward-mode derivative
+  // (the modules run dual inputs on the reference's ops: rnn_fused/func_transforms.py).
+  TORCH_CHECK(!tangents, "rnn_fused: the cell's step has no forward-mode derivative (jvp); "
+              "call it outside torch.autograd.forward_ad");
+  at::Tensor h_next;
+  {
+    at::AutoGradMode no_grad(false);  // as a Function's forward
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    h_next = step(x, h, params, relu);
+  }
+  Recording r;
+  r.inputs.reserve(2 + params.size());
+  r.inputs.push_back(x);
+  r.inputs.push_back(h);
+  r.inputs.insert(r.inputs.end(), params.begin(), params.end());
+  r.outputs = {h_next};
+  r.saved = r.inputs;
+  r.saved.insert(r.saved.begin() + 2, h_next);
+  r.saved_outputs = 1u << 2;  // h'
+  r.flags = relu;
+  return record_node<CellBackward>(std::move(r))[0];
 }
 
 }  // namespace rnn_fused

@@ -14,7 +14,7 @@
 //   returns output like input with D*H features, h_n [L*D, B, H]
 //
 // For eager calls (the modules' fast path, csrc/eager_call.cpp) a padded layer is instead one autograd node,
-// LayerFunction below, or nothing recorded when nothing requires grad (eager_layer). Both run the CPU layer
+// recorded_layer below (one LayerBackward node), or nothing recorded when nothing requires grad (eager_layer). Both run the CPU layer
 // (cpu/layer_cpu.h: the same GEMMs as BLAS calls and the recurrence kernels on buffers of its own, no ATen
 // op) where it applies, else the same ops as the composite. The node's backward is the CPU layer's, or for
 // create_graph and other devices the recurrence's gradients (recurrence_autograd.h) followed by the
@@ -24,7 +24,7 @@
 #include "rnn_stack.h"
 
 #include "cpu/layer_cpu.h"
-#include "named_function.h"
+#include "recorded_node.h"
 #include "recurrence_autograd.h"
 
 #include <ATen/ATen.h>
@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> layer_of_ops(const at::Tensor& x, const at::T
 
 // One padded layer below autograd in eager mode: the CPU layer (cpu/layer_cpu.h) where it applies, else
 // the ATen ops. x [T, B, I] contiguous, h0 [D, B, H], w = layer_parameters(params, ...); returns (output
-// [T, B, D*H], h_last [D, B, H]). recording: LayerFunction's forward (cpu_layer_forward says what it changes).
+// [T, B, D*H], h_last [D, B, H]). recording: recorded_layer (cpu_layer_forward says what it changes).
 std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Tensor& h0, at::TensorList params,
                                                const LayerWeights& w, bool has_biases, c10::string_view activation,
                                                bool recording) {
@@ -98,47 +98,30 @@ std::tuple<at::Tensor, at::Tensor> eager_layer(const at::Tensor& x, const at::Te
   return layer_of_ops(x, h0, params, h0.size(0), has_biases, c10::nullopt, activation);
 }
 
-// One padded layer as one autograd node (the header comment says why). Inputs: x [T, B, I] contiguous,
-// h0 [D, B, H], params as layer_of_ops takes them. Outputs: output [T, B, D*H], h_last [D, B, H]. Saves x,
-// h0, the output and the weights (the biases' values are not needed for the backward).
-class LayerFunction : public torch::autograd::Function<LayerFunction> {
- public:
-  static constexpr const char* kName = "LayerBackward";  // the node's name() (named_function.h)
+// One padded layer's backward, recorded as one node (recorded_node.h; the header comment says why): inputs
+// x [T, B, I] contiguous, h0 [D, B, H], the layer's params as layer_of_ops takes them; outputs output
+// [T, B, D*H], h_last [D, B, H]. Saved: x, h0, the output and the weights (w_ih, w_hh per direction; the
+// biases' values are not needed). Flags: bit 0 has_biases, bit 1 relu.
+struct LayerBackward {
+  static constexpr const char* kName = "LayerBackward";
 
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
-                               at::TensorList params, bool has_biases, c10::string_view activation) {
-    const int64_t D = h0.size(0);
-    const LayerWeights w = layer_parameters(params, D, has_biases);
-    at::Tensor output, h_last;
-    {
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, h_last) = eager_layer(x, h0, params, w, has_biases, activation, /*recording=*/true);
-    }
-    std::vector<at::Tensor> saved{x, h0, output};
-    for (int64_t d = 0; d < D; ++d) {
-      saved.push_back(w.w_ih[d]);
-      saved.push_back(w.w_hh[d]);
-    }
-    ctx->save_for_backward(saved);
-    // One entry (each costs a hash-map insertion and a lookup): bit 0 has_biases, bit 1 relu.
-    ctx->saved_data["flags"] = static_cast<int64_t>(has_biases) | (parse_activation(activation) == Activation::Relu) << 1;
-    ctx->set_materialize_grads(false);  // an unused output's gradient stays None: the backward op takes None
-    return {output, h_last};
+  static int64_t flags(bool has_biases, Activation act) {
+    return static_cast<int64_t>(has_biases) | static_cast<int64_t>(act == Activation::Relu) << 1;
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = saved_variables(ctx);
+  static variable_list backward(const variable_list& saved, int64_t flags, const variable_list& grads,
+                                uint64_t needs) {
     const at::Tensor &x = saved[0], &h0 = saved[1], &output = saved[2];
-    const int64_t flags = ctx->saved_data["flags"].toInt();
     const bool has_biases = flags & 1;
     const Activation act = flags & 2 ? Activation::Relu : Activation::Tanh;
     const int64_t D = h0.size(0), per_direction = has_biases ? 4 : 2;
     const LayerWeights w = layer_parameters(at::TensorList(saved).slice(3), D, /*has_biases=*/false);
-    LayerGradsWanted wanted{ctx->needs_input_grad(0), ctx->needs_input_grad(1), false, false, false};
+    const auto needed = [needs](int64_t i) { return static_cast<bool>(needs >> i & 1); };
+    LayerGradsWanted wanted{needed(0), needed(1), false, false, false};
     for (int64_t d = 0; d < D; ++d) {
-      wanted.w_ih |= ctx->needs_input_grad(2 + d * per_direction);
-      wanted.w_hh |= ctx->needs_input_grad(2 + d * per_direction + 1);
-      for (int64_t k = 2; k < per_direction; ++k) wanted.bias |= ctx->needs_input_grad(2 + d * per_direction + k);
+      wanted.w_ih |= needed(2 + d * per_direction);
+      wanted.w_hh |= needed(2 + d * per_direction + 1);
+      for (int64_t k = 2; k < per_direction; ++k) wanted.bias |= needed(2 + d * per_direction + k);
     }
     wanted.bias &= has_biases;
     // create_graph=True records the backward: then the ATen ops, which have derivatives.
@@ -155,8 +138,6 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
         out.push_back(wanted.bias ? g.b_hh[d] : at::Tensor());
       }
     }
-    out.emplace_back();  // has_biases
-    out.emplace_back();  // activation
     return out;
   }
 
@@ -192,6 +173,38 @@ class LayerFunction : public torch::autograd::Function<LayerFunction> {
   }
 };
 
+// The layer computed below autograd and recorded as one LayerBackward node (requires grad mode on, some
+// input requiring grad, no tangent).
+std::tuple<at::Tensor, at::Tensor> recorded_layer(const at::Tensor& x, const at::Tensor& h0, at::TensorList params,
+                                                  bool has_biases, c10::string_view activation) {
+  const int64_t D = h0.size(0);
+  const LayerWeights w = layer_parameters(params, D, has_biases);
+  at::Tensor output, h_last;
+  {
+    at::AutoGradMode no_grad(false);  // as a Function's forward
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(output, h_last) = eager_layer(x, h0, params, w, has_biases, activation, /*recording=*/true);
+  }
+  Recording r;
+  r.inputs.reserve(2 + params.size());
+  r.inputs.push_back(x);
+  r.inputs.push_back(h0);
+  r.inputs.insert(r.inputs.end(), params.begin(), params.end());
+  r.outputs = {output, h_last};
+  r.saved.reserve(3 + 2 * D);
+  r.saved.push_back(x);
+  r.saved.push_back(h0);
+  r.saved.push_back(output);
+  for (int64_t d = 0; d < D; ++d) {
+    r.saved.push_back(w.w_ih[d]);
+    r.saved.push_back(w.w_hh[d]);
+  }
+  r.saved_outputs = 1u << 2;  // the output
+  r.flags = LayerBackward::flags(has_biases, parse_activation(activation));
+  variable_list out = record_node<LayerBackward>(std::move(r));
+  return {out[0], out[1]};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10::optional<at::Tensor>& batch_sizes,
@@ -220,10 +233,8 @@ std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10:
     bool requires_grad = x.requires_grad() || h0.requires_grad();
     for (const at::Tensor& t : layer_params) requires_grad |= t.requires_grad();
     at::Tensor h_last;
-    if (fused_layer_nodes && recording && requires_grad && !packed) {
-      variable_list out = apply_named<LayerFunction>(x, h0, layer_params, has_biases, activation);
-      x = out[0];
-      h_last = out[1];
+    if (fused_layer_nodes && recording && requires_grad && !packed && !tangents) {
+      std::tie(x, h_last) = recorded_layer(x, h0, layer_params, has_biases, activation);
     } else if (fused_layer_nodes && !packed && !tangents) {  // nothing to record
       std::tie(x, h_last) =
           eager_layer(x, h0, layer_params, layer_parameters(layer_params, D, has_biases), has_biases, activation,

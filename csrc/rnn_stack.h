@@ -9,8 +9,8 @@
 namespace rnn_fused {
 
 // The arguments are the rnn op's (csrc/ops.cpp). fused_layer_nodes: record each layer as one autograd node
-// (its input projection and recurrence together: csrc/rnn_stack.cpp's LayerFunction) instead of one node
-// per op. Eager only: a custom C++ Function is opaque to torch.compile / torch.export, which trace the op.
+// (its input projection and recurrence together: csrc/rnn_stack.cpp's recorded_layer) instead of one node
+// per op. Eager only: such a node is opaque to torch.compile / torch.export, which trace the op.
 std::tuple<at::Tensor, at::Tensor> rnn_stack(const at::Tensor& input, const c10::optional<at::Tensor>& batch_sizes,
                                              const at::Tensor& hx, at::TensorList params, bool has_biases,
                                              int64_t num_layers, bool bidirectional, double dropout, bool train,

@@ -1,6 +1,6 @@
 // One padded RNN layer (the input projection and the recurrence) and its backward on the CPU, as BLAS calls
 // and the recurrence kernels on buffers allocated here: no ATen op but the allocations. The eager layer node
-// (csrc/rnn_stack.cpp, LayerFunction) and the eager stack's unrecorded layers run it; what torch.compile
+// (csrc/rnn_stack.cpp, recorded_layer) and the eager stack's unrecorded layers run it; what torch.compile
 // and torch.export trace (the rnn_fused::rnn op) is the ATen ops of rnn_stack.cpp's layer_of_ops, the same
 // GEMMs with the same arguments (only the bias gradient's sum over rows is ordered differently).
 #pragma once
