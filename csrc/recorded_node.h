@@ -37,7 +37,10 @@
 #include <string>
 #include <typeinfo>
 
+// Overridable (-DRNN_FUSED_RECORDED_NODE=0) so the Function path can be compile-checked against 2.14 too.
+#ifndef RNN_FUSED_RECORDED_NODE
 #define RNN_FUSED_RECORDED_NODE (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 14)
+#endif
 
 namespace rnn_fused {
 
@@ -49,6 +52,9 @@ struct Recording {
   uint64_t saved_outputs = 0;
   int64_t flags = 0;
 };
+
+// Whether F::backward's `needs` asks for input i's gradient.
+inline bool gradient_wanted(uint64_t needs, int64_t i) { return needs >> i & 1; }
 
 #if RNN_FUSED_RECORDED_NODE
 

@@ -71,7 +71,7 @@ struct CellBackward {
                                 uint64_t needs) {
     const at::Tensor &x = saved[0], &h = saved[1], &h_next = saved[2], &w_ih = saved[3], &w_hh = saved[4];
     const bool has_biases = saved.size() == 7;
-    const auto needed = [needs](int i) { return static_cast<bool>(needs >> i & 1); };
+    const auto needed = [needs](int64_t i) { return gradient_wanted(needs, i); };
     // An undefined gradient (the engine never materialises one) means zero: so are all of ours.
     if (!grads[0].defined()) return variable_list(saved.size() - 1);
     const LayerWeights w = cell_weights(at::TensorList(saved).slice(3));

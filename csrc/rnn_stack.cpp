@@ -116,7 +116,7 @@ struct LayerBackward {
     const Activation act = flags & 2 ? Activation::Relu : Activation::Tanh;
     const int64_t D = h0.size(0), per_direction = has_biases ? 4 : 2;
     const LayerWeights w = layer_parameters(at::TensorList(saved).slice(3), D, /*has_biases=*/false);
-    const auto needed = [needs](int64_t i) { return static_cast<bool>(needs >> i & 1); };
+    const auto needed = [needs](int64_t i) { return gradient_wanted(needs, i); };
     LayerGradsWanted wanted{needed(0), needed(1), false, false, false};
     for (int64_t d = 0; d < D; ++d) {
       wanted.w_ih |= needed(2 + d * per_direction);
